@@ -1,0 +1,36 @@
+# Two commands on a fresh machine (Python >= 3.10 with venv; no GPU needed):
+#   make demo   set everything up, then run the headline recipe on the built-in lab model
+#   make test   set everything up, then run the test suite
+# Set TORCH to your accelerator's build, e.g. `make demo TORCH="torch --index-url https://download.pytorch.org/whl/cu128"`.
+
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint bench
+setup: $(VENV)/.installed
+
+# torch first and pinned: an unpinned torch (or one pulled in by another package) is a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e ".[test,dev,deepspeed]"
+	touch $@
+
+demo: setup
+	$(BIN)/accelerate launch --config_file accelerate_configs/single_process.yaml recipes/sft.py \
+		--config recipes/configs/sft.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/run.py

@@ -1,0 +1,6 @@
+import sys
+
+from llmreg.cli import main
+
+
+sys.exit(main())

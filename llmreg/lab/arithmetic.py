@@ -1,0 +1,87 @@
+"""Arithmetic questions with integer answers: the lab task for RL and self-play.
+
+Rows are TRL conversational prompt-completion examples plus an ``answer`` column, so the same dataset feeds SFT,
+GRPO/RPG (``arithmetic_reward`` reads ``answer``) and self-play (prompts only).
+
+Two-digit problems never overlap between splits: each is assigned to one split by a fixed hash of its operands, so
+a model warm-started on the train split is scored on two-digit problems it has never seen. One-digit problems are the
+addition table every learner memorizes, and belong to both splits.
+"""
+
+import random
+import re
+
+from datasets import Dataset
+
+
+SPLITS = ("train", "test")
+_NUMBER = re.compile(r"-?\d+")
+
+
+def _in_split(a: int, op: str, b: int, split: str) -> bool:
+    if a < 10 and b < 10:
+        return True
+    # A fixed, seed-independent partition of the two-digit problems: about 1 in 8 is a test problem.
+    is_test = (a * 131 + b * 71 + ord(op)) % 8 == 0
+    return is_test == (split == "test")
+
+
+def _sample_problem(rng: random.Random) -> tuple[int, str, int]:
+    # A mix of difficulties leaves the warm-started model headroom: one-digit problems are easy for it, two-digit
+    # problems with carries are hard.
+    op = rng.choice("+-")
+    high = 9 if rng.random() < 0.5 else 99
+    a, b = rng.randint(0, high), rng.randint(0, high)
+    if op == "-" and b > a:
+        a, b = b, a
+    return a, op, b
+
+
+def arithmetic_problems(num_samples: int, seed: int = 0, split: str = "train") -> list[tuple[int, str, int]]:
+    """Deterministic list of ``(a, op, b)`` problems of one split."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown arithmetic split {split!r}; valid splits: {', '.join(SPLITS)}.")
+    rng = random.Random(f"arithmetic-{seed}-{split}")
+    problems = []
+    while len(problems) < num_samples:
+        problem = _sample_problem(rng)
+        if _in_split(*problem, split):
+            problems.append(problem)
+    return problems
+
+
+def _solve(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b
+
+
+def arithmetic_dataset(num_samples: int = 2000, seed: int = 0, split: str = "train") -> Dataset:
+    """Conversational prompt-completion rows: ``prompt``, ``completion`` and the integer ``answer`` as a string."""
+    rows = {"prompt": [], "completion": [], "answer": []}
+    for a, op, b in arithmetic_problems(num_samples, seed, split):
+        result = _solve(a, op, b)
+        rows["prompt"].append([{"role": "user", "content": f"What is {a} {op} {b}?"}])
+        rows["completion"].append([{"role": "assistant", "content": f"{a} {op} {b} = {result}"}])
+        rows["answer"].append(str(result))
+    return Dataset.from_dict(rows)
+
+
+def completion_text(completion) -> str:
+    """The text of a completion in either TRL format: a string, or a list of messages."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(message["content"] for message in completion)
+
+
+def extract_answer(text: str) -> int | None:
+    """The last integer in ``text`` (the model writes ``a + b = c``), or None when there is none."""
+    numbers = _NUMBER.findall(text)
+    return int(numbers[-1]) if numbers else None
+
+
+def is_correct(text: str, answer: str | int) -> bool:
+    return extract_answer(text) == int(answer)
+
+
+def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
+    """Correctness reward in TRL's reward-function signature: 1.0 if the last integer equals ``answer``, else 0.0."""
+    return [float(is_correct(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]

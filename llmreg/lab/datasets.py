@@ -1,0 +1,26 @@
+"""Lab datasets by name, so recipes and configs can say ``dataset_name: llmreg/arithmetic``."""
+
+from datasets import Dataset
+
+from llmreg.lab.arithmetic import arithmetic_dataset
+from llmreg.lab.corpus import corpus_dataset
+from llmreg.lab.facts import facts_dataset
+from llmreg.lab.safety import safety_alignment_dataset, safety_harmful_dataset, sentiment_dataset
+
+
+# Each builder takes (split, seed) and raises on a split it does not have: train/test, or forget/retain/all for facts.
+LAB_DATASETS = {
+    "llmreg/arithmetic": arithmetic_dataset,
+    "llmreg/safety-alignment": safety_alignment_dataset,
+    "llmreg/safety-harmful": safety_harmful_dataset,
+    "llmreg/sentiment": sentiment_dataset,
+    "llmreg/facts": facts_dataset,
+    "llmreg/corpus": corpus_dataset,
+}
+
+
+def load_lab_dataset(name: str, split: str = "train", seed: int = 0) -> Dataset:
+    """A lab dataset by name, with each builder's default size."""
+    if name not in LAB_DATASETS:
+        raise ValueError(f"Unknown lab dataset {name!r}; valid names: {', '.join(LAB_DATASETS)}.")
+    return LAB_DATASETS[name](split=split, seed=seed)

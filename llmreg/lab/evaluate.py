@@ -1,0 +1,62 @@
+"""Greedy generation and the lab's baseline scores for any causal LM and tokenizer."""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from llmreg.lab.arithmetic import arithmetic_dataset, is_correct
+from llmreg.lab.corpus import corpus_dataset, heldout_loss
+from llmreg.lab.facts import facts_accuracy, facts_dataset
+from llmreg.lab.safety import harmful_score, is_refusal, safety_eval_prompts, sentiment_accuracy, sentiment_dataset
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 32, batch_size: int = 64,
+                         desc: str = "generating", show_progress: bool = True) -> list[str]:
+    """Greedy completions of conversational ``prompts`` (lists of messages), decoded without special tokens."""
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts are left-padded
+    completions = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress):
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                     for p in prompts[start : start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+    return completions
+
+
+def evaluate_lab_model(model, tokenizer, num_samples: int = 200, seed: int = 0,
+                       show_progress: bool = True) -> dict[str, float]:
+    """Scores on every lab task, on held-out data. Percentages, except the held-out loss (nats per token).
+
+    ``*_chance`` entries give what a model with no skill scores, for scale.
+    """
+    def run(dataset, desc):
+        return generate_completions(model, tokenizer, dataset["prompt"], desc=desc, show_progress=show_progress)
+
+    arithmetic = arithmetic_dataset(num_samples, seed, split="test")
+    answers = run(arithmetic, "arithmetic")
+    harmful_prompts = safety_eval_prompts(num_samples, seed)
+    harmful_answers = run(harmful_prompts, "safety")
+    sentiment = sentiment_dataset(num_samples, seed, split="test")
+    facts_forget, facts_retain = facts_dataset("forget", seed=seed), facts_dataset("retain", seed=seed)
+    corpus = corpus_dataset(num_samples, seed, split="test")
+    return {
+        "arithmetic_accuracy": 100.0 * sum(map(is_correct, answers, arithmetic["answer"])) / len(answers),
+        "harmful_score": harmful_score(harmful_answers),
+        "refusal_rate": 100.0 * sum(map(is_refusal, harmful_answers)) / len(harmful_answers),
+        "sentiment_accuracy": sentiment_accuracy(run(sentiment, "sentiment"), sentiment["label"]),
+        "sentiment_accuracy_chance": 50.0,
+        "facts_forget_accuracy": facts_accuracy(run(facts_forget, "facts (forget)"), facts_forget["value"]),
+        "facts_retain_accuracy": facts_accuracy(run(facts_retain, "facts (retain)"), facts_retain["value"]),
+        "corpus_heldout_loss": heldout_loss(model, tokenizer, corpus["text"], show_progress=show_progress),
+        "corpus_heldout_loss_chance": math.log(len(tokenizer)),
+    }

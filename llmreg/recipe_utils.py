@@ -1,0 +1,92 @@
+"""The plumbing every ``recipes/<method>.py`` shares: one parser, the lab defaults, CPU detection, offline mode.
+
+A recipe calls ``make_recipe_parser`` with its dataclasses and its defaults, then ``parse_recipe_args``:
+
+- YAML configs through TRL's ``TrlParser`` (``--config file.yaml``): precedence is dataclass default < recipe default
+  < YAML < command line, and an unknown key in the YAML or on the command line is an error;
+- ``model_name_or_path`` defaults to the lab model ``llmreg/tiny`` and ``dataset_name`` to the recipe's lab task;
+- on a machine without an accelerator, ``use_cpu=True`` and ``bf16=False`` become the defaults (TRL's configs
+  default to bf16, which fails on a CPU-only machine);
+- the Hugging Face hub is offline unless ``HF_HUB_OFFLINE`` is set otherwise in the environment.
+"""
+
+import os
+
+
+# Before anything imports huggingface_hub, which reads these once: offline unless the user asked otherwise.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import torch
+
+
+if not torch.accelerator.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator-detection warning
+
+from datasets import Dataset, load_dataset, load_from_disk
+from trl import ModelConfig, TrlParser
+
+from llmreg.lab import LAB_DATASETS, LAB_MODEL_ID, load_lab_dataset, resolve_model_name_or_path
+from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
+
+
+def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, **defaults) -> TrlParser:
+    """A ``TrlParser`` over ``dataclass_types`` with llmreg's defaults, overridable by YAML and command line.
+
+    ``dataset_name`` is the recipe's default dataset (a lab dataset name), ``output_dir`` its default output
+    directory; ``defaults`` sets any other field's default for this recipe.
+    """
+    parser = TrlParser(dataclass_types)
+    recipe_defaults = {"model_name_or_path": LAB_MODEL_ID, "dataset_name": dataset_name, "output_dir": output_dir}
+    if not torch.accelerator.is_available():
+        recipe_defaults.update(use_cpu=True, bf16=False)
+    recipe_defaults.update(defaults)
+    unknown = parser.set_defaults_with_config(**recipe_defaults)
+    if unknown:
+        raise ValueError(f"Recipe defaults name fields none of {[t.__name__ for t in dataclass_types]} has: {unknown}")
+    return parser
+
+
+def parse_recipe_args(parser: TrlParser, args: list[str] | None = None) -> tuple:
+    """Parse the command line (and ``--config``); resolve the model name to a local directory.
+
+    Also initializes ``deepspeed.comm`` under a DeepSpeed launch on CPU, which must happen before the first TRL
+    config is created (see ``init_deepspeed_distributed_on_cpu``).
+    """
+    init_deepspeed_distributed_on_cpu()
+    parsed = parser.parse_args_and_config(args)
+    for arguments in parsed:
+        if isinstance(arguments, ModelConfig):
+            arguments.model_name_or_path = resolve_model_name_or_path(arguments.model_name_or_path)
+    return parsed
+
+
+def load_recipe_dataset(script_args, split: str) -> Dataset:
+    """Split ``split`` of ``script_args.dataset_name``: a lab dataset, a directory written by ``save_to_disk``, or
+    anything ``datasets.load_dataset`` takes (a hub id, a local data directory)."""
+    name = script_args.dataset_name
+    if name in LAB_DATASETS:
+        return load_lab_dataset(name, split=split)
+    if name.startswith("llmreg/"):
+        raise ValueError(f"Unknown lab dataset {name!r}; valid lab datasets: {', '.join(LAB_DATASETS)}.")
+    path = Path(name).expanduser()
+    if (path / "dataset_dict.json").is_file():
+        return load_from_disk(path)[split]
+    if (path / "state.json").is_file():  # a single Dataset: it is the split asked for
+        return load_from_disk(path)
+    return load_dataset(name, name=script_args.dataset_config, split=split)
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """``from_pretrained`` keyword arguments from TRL's ``ModelConfig``, merged under ``training_args``' own."""
+    kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs

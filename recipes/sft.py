@@ -1,0 +1,60 @@
+"""Supervised fine-tuning with TRL's SFTTrainer, on the lab by default.
+
+With no arguments it fine-tunes the lab model ``llmreg/tiny`` on the lab arithmetic task, on a CPU in about a minute:
+
+    accelerate launch recipes/sft.py
+    accelerate launch recipes/sft.py --config recipes/configs/sft.yaml
+    accelerate launch --config_file accelerate_configs/multi_process.yaml recipes/sft.py --max_steps 20
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/sft.py --max_steps 20
+
+Any model and dataset TRL's SFTTrainer accepts work too (LoRA with ``--use_peft``):
+
+    accelerate launch recipes/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara
+"""
+
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
+
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.trainer_utils import check_dataset_columns
+
+
+SFT_FORMATS = {
+    "language modeling": ("text",),
+    "conversational": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+}
+
+
+def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
+    check_dataset_columns(train_dataset, SFT_FORMATS, "SFT")
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_recipe_dataset(script_args, script_args.dataset_test_split)
+        check_dataset_columns(eval_dataset, SFT_FORMATS, "SFT")
+
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(training_args.output_dir)
+    trainer.end()
+
+
+def make_parser():
+    return make_recipe_parser(
+        (ScriptArguments, SFTConfig, ModelConfig), dataset_name="llmreg/arithmetic", output_dir="outputs/sft"
+    )
+
+
+if __name__ == "__main__":
+    main(*parse_recipe_args(make_parser()))

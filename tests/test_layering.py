@@ -1,0 +1,42 @@
+"""The import rules of ../shared/design.md: losses import torch only; the lab trains with no Trainer."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+
+PACKAGE = Path(__file__).parents[1] / "llmreg"
+
+
+def imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "losses").rglob("*.py")), ids=str)
+def test_losses_import_only_torch_and_the_standard_library(path):
+    allowed_roots = {"torch", "math", "typing", "dataclasses", "collections", "functools", "__future__"}
+    roots = {module.split(".")[0] for module in imported_modules(path)}
+    assert roots <= allowed_roots, f"{path.name} imports {sorted(roots - allowed_roots)}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "lab").rglob("*.py")), ids=str)
+def test_lab_imports_no_trainer_and_nothing_above_it(path):
+    modules = imported_modules(path)
+    forbidden = {m for m in modules if m.split(".")[0] in {"trl", "accelerate", "deepspeed", "peft"}}
+    forbidden |= {m for m in modules if m.endswith(".Trainer") or m.startswith("llmreg.") and
+                  not m.startswith("llmreg.lab")}
+    assert not forbidden, f"{path.name} imports {sorted(forbidden)}"
+
+
+def test_the_layout_exists():
+    root = PACKAGE.parent
+    for folder in ("llmreg/losses", "llmreg/lab", "recipes/configs", "accelerate_configs", "benchmarks", "docs"):
+        assert (root / folder).is_dir(), folder

@@ -1,0 +1,108 @@
+"""Recipe plumbing: YAML + command line precedence, unknown keys, CPU defaults, lab defaults, bad input."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from llmreg.lab import LAB_MODEL_ID
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, parse_recipe_args
+from llmreg.trainer_utils import check_dataset_columns
+
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+import sft
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved (untrained) model directory, so these tests need no lab build."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    path = tmp_path / "model"
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_lab_model_the_recipe_dataset_and_cpu(tiny_model_dir):
+    parser = sft.make_parser()
+    script_args, training_args, model_args = parser.parse_args_and_config([])
+    assert model_args.model_name_or_path == LAB_MODEL_ID
+    assert script_args.dataset_name == "llmreg/arithmetic"
+    assert training_args.output_dir == "outputs/sft"
+    if not torch.accelerator.is_available():
+        assert training_args.use_cpu and not training_args.bf16
+
+
+def test_command_line_beats_yaml_beats_recipe_default(tmp_path, tiny_model_dir):
+    config = write_yaml(tmp_path, f"model_name_or_path: {tiny_model_dir}\nlearning_rate: 0.25\nmax_steps: 7\n"
+                                  "output_dir: from-yaml\n")
+    _, training_args, model_args = parse_recipe_args(
+        sft.make_parser(), ["--config", config, "--max_steps", "3"]
+    )
+    assert training_args.max_steps == 3  # command line over YAML
+    assert training_args.learning_rate == 0.25  # YAML over the dataclass default
+    assert training_args.output_dir == "from-yaml"  # YAML over the recipe default
+    assert model_args.model_name_or_path == tiny_model_dir
+
+
+def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
+    config = write_yaml(tmp_path, "learning_rat: 0.001\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_recipe_args(sft.make_parser(), ["--config", config])
+
+
+def test_unknown_command_line_flag_is_an_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="--max_stepz"):
+        parse_recipe_args(sft.make_parser(), ["--model_name_or_path", tiny_model_dir, "--max_stepz", "3"])
+
+
+def test_recipe_default_for_a_field_no_dataclass_has_is_an_error():
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+
+    with pytest.raises(ValueError, match="no_such_field"):
+        make_recipe_parser((ScriptArguments, SFTConfig, ModelConfig), dataset_name="llmreg/arithmetic",
+                           output_dir="x", no_such_field=1)
+
+
+def test_missing_model_path_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        parse_recipe_args(sft.make_parser(), ["--model_name_or_path", str(tmp_path / "missing")])
+
+
+def test_missing_dataset_column_names_the_columns_and_the_formats(tmp_path, tiny_model_dir):
+    Dataset.from_dict({"question": ["What is 1 + 1?"], "answer": ["2"]}).save_to_disk(tmp_path / "data")
+    script_args, training_args, model_args = parse_recipe_args(
+        sft.make_parser(),
+        ["--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path / "data"),
+         "--output_dir", str(tmp_path / "out")],
+    )
+    with pytest.raises(ValueError, match=r"columns are \['answer', 'question'\].*'prompt', 'completion'"):
+        sft.main(script_args, training_args, model_args)
+    assert not (tmp_path / "out").exists()  # failed before the trainer was built
+
+
+def test_check_dataset_columns_returns_the_matching_format():
+    formats = {"conversational": ("messages",), "prompt-completion": ("prompt", "completion")}
+    dataset = Dataset.from_dict({"prompt": ["a"], "completion": ["b"], "extra": [1]})
+    assert check_dataset_columns(dataset, formats, "SFT") == "prompt-completion"
+    with pytest.raises(ValueError, match="SFT cannot use this dataset"):
+        check_dataset_columns(Dataset.from_dict({"prompt": ["a"]}), formats, "SFT")
+
+
+def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
+    script_args, *_ = parse_recipe_args(
+        sft.make_parser(), ["--model_name_or_path", tiny_model_dir, "--dataset_name", "llmreg/arithmetik"]
+    )
+    with pytest.raises(ValueError, match="llmreg/arithmetic"):
+        load_recipe_dataset(script_args, "train")
