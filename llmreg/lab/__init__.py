@@ -3,7 +3,7 @@
 Nothing here trains with a Trainer or imports one: recipes and tests ask the lab for a model path and datasets.
 
 >>> from llmreg.lab import arithmetic_dataset, arithmetic_reward, ensure_lab_model
->>> model_dir = ensure_lab_model()            # builds once (about a minute), then cached
+>>> model_dir = ensure_lab_model()            # builds once (about two minutes), then cached
 >>> dataset = arithmetic_dataset(1000)        # TRL conversational prompt-completion + "answer"
 """
 

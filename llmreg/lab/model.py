@@ -1,6 +1,6 @@
 """The lab model: a ~1M-parameter Qwen2 built offline from a seed, warm-started on the lab tasks, cached on disk.
 
-``llmreg/tiny`` names it everywhere a model name or path is accepted. The first use builds it (about a minute on
+``llmreg/tiny`` names it everywhere a model name or path is accepted. The first use builds it (about two minutes on
 two CPU cores) into ``$LLMREG_CACHE/lab/`` (default ``~/.cache/llmreg/lab/``); later uses load the directory, which is
 an ordinary transformers checkpoint (config.json, model.safetensors, tokenizer files, chat template).
 

@@ -1,0 +1,114 @@
+"""Benchmark llmreg trainers against their stock base trainers on the lab model and print a table of ratios.
+
+    python benchmarks/run.py [--cases sft] [--rounds 5] [--steps-per-round 10] [--warmup 5] [--threads N]
+
+A case is a function returning ``(make_candidate, make_baseline)``, two zero-argument callables that each build a
+fresh, ready-to-train Trainer; register it in ``CASES``. See benchmarks/README.md.
+"""
+
+import argparse
+import os
+import tempfile
+
+import torch
+from harness import compare
+from trl import SFTConfig, SFTTrainer
+
+from llmreg.lab import arithmetic_dataset, ensure_lab_model
+
+
+# Every round is one train() call stopped by the harness, so max_steps only has to exceed the longest round; the
+# linear LR decay over this many steps keeps the learning rate practically constant during a benchmark.
+MAX_STEPS = 10_000
+NUM_EXAMPLES = 1024
+OUTPUT_DIR = os.path.join(tempfile.gettempdir(), "llmreg-benchmarks")  # nothing is saved (save_strategy="no")
+
+
+def sft_config(**overrides) -> SFTConfig:
+    """SFT arguments shared by every case: small batches of the lab task, CPU-safe, no saving or reporting."""
+    kwargs = dict(
+        output_dir=OUTPUT_DIR,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        activation_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        per_device_train_batch_size=8,
+        max_length=128,
+        learning_rate=1e-4,
+        max_steps=MAX_STEPS,
+    )
+    return SFTConfig(**{**kwargs, **overrides})
+
+
+def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
+    """``trainer_cls`` (default: SFTTrainer itself, a sanity check with ratios near 1) against TRL's SFTTrainer."""
+    model_dir = str(ensure_lab_model())
+    dataset = arithmetic_dataset(NUM_EXAMPLES)
+
+    def make_candidate():
+        return trainer_cls(model=model_dir, args=sft_config(), train_dataset=dataset)
+
+    def make_baseline():
+        return SFTTrainer(model=model_dir, args=sft_config(), train_dataset=dataset)
+
+    return make_candidate, make_baseline
+
+
+CASES = {"sft": make_sft_case}
+
+COLUMNS = [
+    "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",
+    "peak MiB cand", "peak MiB base", "mem ratio",
+]
+
+
+def table_row(case: str, result: dict) -> list[str]:
+    candidate, baseline = result["candidate"], result["baseline"]
+    return [
+        case, candidate["trainer"], baseline["trainer"], str(result["steps"]),
+        f"{candidate['median_ms']:.1f}", f"{baseline['median_ms']:.1f}", f"{result['time_ratio']:.2f}",
+        f"{candidate['peak_mib']:.1f}", f"{baseline['peak_mib']:.1f}", f"{result['mem_ratio']:.2f}",
+    ]
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"device: {device_description()}, torch {torch.__version__}")
+    rows = []
+    for case in args.cases:
+        make_candidate, make_baseline = CASES[case]()
+        result = compare(
+            make_candidate, make_baseline,
+            rounds=args.rounds, steps_per_round=args.steps_per_round, warmup_steps=args.warmup,
+        )
+        rows.append(table_row(case, result))
+
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(COLUMNS)]
+    for row in [COLUMNS, ["-" * width for width in widths], *rows]:
+        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
+    if not torch.cuda.is_available():
+        print("peak MiB on CPU is sampled process RSS: coarse, read the time ratio (see benchmarks/README.md).")
+
+
+if __name__ == "__main__":
+    main()
