@@ -50,7 +50,7 @@ def test_sft_single_process(lab_model_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    "accelerate_config", ["multi_process.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"]
+    "accelerate_config", ["multi_process.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp2.yaml"]
 )
 def test_sft_two_processes(accelerate_config, lab_model_dir, tmp_path):
     launch_sft(accelerate_config, tmp_path)
