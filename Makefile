@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/accelerate launch --config_file accelerate_configs/single_process.yaml recipes/sft.py \
-		--config recipes/configs/sft.yaml
+		--config recipes/configs/sft.yaml --output_dir outputs/sft
+	$(BIN)/llmreg lab eval outputs/sft
 
 test: setup
 	$(BIN)/python -m pytest -q

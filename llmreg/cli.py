@@ -46,7 +46,31 @@ def _lab_info(args) -> int:
         f"  weights     sha256 {info['weights_sha256'][:16]}…",
         "  baseline scores on held-out lab data (greedy decoding):",
     ]
-    scores = info["baseline_scores"]
+    lines.append(_format_scores(info["baseline_scores"]))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _lab_eval(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmreg.lab.evaluate import evaluate_lab_model
+    from llmreg.lab.model import LAB_MODEL_ID, is_lab_model, read_lab_info, resolve_model_name_or_path
+
+    path = resolve_model_name_or_path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    scores = evaluate_lab_model(model, tokenizer, num_samples=args.num_samples)
+    lines = [f"{args.model}: scores on held-out lab data (greedy decoding)", _format_scores(scores)]
+    if not is_lab_model(path):
+        lab = resolve_model_name_or_path(LAB_MODEL_ID)
+        lines += ["the lab model's baseline, for comparison:", _format_scores(read_lab_info(lab)["baseline_scores"])]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _format_scores(scores: dict[str, float]) -> str:
+    lines = []
     for name, value in scores.items():
         if name.endswith("_chance"):
             continue
@@ -54,8 +78,7 @@ def _lab_info(args) -> int:
         unit = " nats/token" if name.endswith("loss") else " %"
         suffix = f"  (chance: {chance:.2f}{unit})" if chance is not None else ""
         lines.append(f"    {name:<24}{value:8.2f}{unit}{suffix}")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+    return "\n".join(lines)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -70,6 +93,10 @@ def make_parser() -> argparse.ArgumentParser:
     info = lab_commands.add_parser("info", help="show the cached lab model and its baseline scores")
     info.add_argument("--json", action="store_true", help="print the build record as JSON")
     info.set_defaults(handler=_lab_info)
+    evaluate = lab_commands.add_parser("eval", help="score any model on the lab tasks (e.g. a recipe's output_dir)")
+    evaluate.add_argument("model", help="a model directory, or llmreg/tiny")
+    evaluate.add_argument("--num-samples", type=int, default=200, help="held-out prompts per task (default 200)")
+    evaluate.set_defaults(handler=_lab_eval)
     for sub in (build, info):
         sub.add_argument("--seed", type=int, default=0, help="seed of the lab model (default 0)")
     return parser

@@ -142,3 +142,21 @@ def test_generation_is_greedy_and_repeatable(lab_model_dir):
     first = generate_completions(model, tokenizer, prompts, show_progress=False)
     torch.manual_seed(1)
     assert generate_completions(model, tokenizer, prompts, show_progress=False) == first
+
+
+def test_cli_lab_eval_reproduces_the_build_time_scores_and_compares_other_models(lab_model_dir, tmp_path, capsys):
+    import shutil
+
+    from llmreg.cli import main
+
+    scores = read_lab_info(lab_model_dir)["baseline_scores"]
+    assert main(["lab", "eval", LAB_MODEL_ID]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(rf"arithmetic_accuracy\s+{scores['arithmetic_accuracy']:.2f} %", printed)
+    assert "for comparison" not in printed
+
+    copy = tmp_path / "my-model"  # any other model directory: scored, with the lab baseline beside it
+    shutil.copytree(lab_model_dir, copy, ignore=shutil.ignore_patterns("lab_info.json"))
+    assert main(["lab", "eval", str(copy), "--num-samples", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{copy}: scores" in printed and "the lab model's baseline, for comparison" in printed
