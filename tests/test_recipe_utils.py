@@ -106,3 +106,11 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
     )
     with pytest.raises(ValueError, match="llmreg/arithmetic"):
         load_recipe_dataset(script_args, "train")
+
+
+def test_no_arguments_run_what_the_shipped_config_spells_out():
+    config = str(Path(__file__).parents[1] / "recipes" / "configs" / "sft.yaml")
+    bare = sft.make_parser().parse_args_and_config([])
+    configured = sft.make_parser().parse_args_and_config(["--config", config])
+    assert bare[0] == configured[0] and bare[2] == configured[2]
+    assert bare[1].to_dict() == configured[1].to_dict()
