@@ -109,7 +109,7 @@ def test_trl_assistant_only_loss_trains_only_on_answers(lab_model_dir, tmp_path)
 def test_missing_local_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_name_or_path(str(tmp_path / "no-such-model"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="neither config.json nor adapter_config.json"):
         resolve_model_name_or_path(str(tmp_path))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from huggingface_hub import constants, try_to_load_from_cache
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -220,11 +221,15 @@ def ensure_lab_model(seed: int = 0, show_progress: bool = True) -> Path:
     with FileLock(str(path) + ".lock"):
         if not is_lab_model(path):  # another process may have built it while this one waited for the lock
             logger.info("Building the lab model %s into %s (once; later loads are instant).", LAB_MODEL_ID, path)
+            # Built aside and renamed into place, so an interrupted build never leaves a half-written model behind.
             staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-            build_lab_model(staging, seed=seed, show_progress=show_progress)
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
+            try:
+                build_lab_model(staging, seed=seed, show_progress=show_progress)
+                if path.exists():
+                    shutil.rmtree(path)
+                staging.rename(path)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -238,8 +243,11 @@ def resolve_model_name_or_path(name_or_path: str) -> str:
         return str(ensure_lab_model())
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"Model directory {path} has no config.json: it is not a transformers model.")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"Model directory {path} has neither config.json nor adapter_config.json: it is not a transformers "
+                "model or a PEFT adapter."
+            )
         return str(path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
@@ -247,8 +255,6 @@ def resolve_model_name_or_path(name_or_path: str) -> str:
             f"Model path {name_or_path!r} does not exist. Pass an existing model directory, a Hugging Face hub id, "
             f"or {LAB_MODEL_ID!r} for the built-in lab model."
         )
-    from huggingface_hub import constants, try_to_load_from_cache
-
     if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
         raise FileNotFoundError(
             f"Model {name_or_path!r} is not a local directory and is not in the Hugging Face cache, and the hub is "
