@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 
@@ -22,9 +23,9 @@ def launch(accelerate_config: str, script: Path, *args: str) -> None:
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
-def launch_sft(accelerate_config: str, output_dir: Path) -> None:
+def launch_sft(accelerate_config: str, output_dir: Path, per_device_batch: int = 4) -> None:
     launch(accelerate_config, REPO / "recipes" / "sft.py", "--config", str(REPO / "recipes" / "configs" / "sft.yaml"),
-           "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+           "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", str(per_device_batch),
            "--output_dir", str(output_dir))
 
 
@@ -70,3 +71,17 @@ def test_zero3_with_a_reference_model_built_by_trl(lab_model_dir, tmp_path):
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert state["global_step"] == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_equal_one_process_on_the_same_global_batch(lab_model_dir, tmp_path):
+    # 2 processes x 2 rows and 1 process x 4 rows see the same 4 rows per step (accelerate hands consecutive batches
+    # of the same sampler to the ranks), and TRL normalizes the loss by the global token count, so the updates match.
+    launch_sft("single_process.yaml", tmp_path / "one", per_device_batch=4)
+    launch_sft("multi_process.yaml", tmp_path / "two", per_device_batch=2)
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    before = load_file(lab_model_dir / "model.safetensors")
+    for name in before:
+        assert not one[name].equal(before[name])
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
