@@ -11,26 +11,29 @@ A recipe calls ``make_recipe_parser`` with its dataclasses and its defaults, the
 """
 
 import os
-
-
-# Before anything imports huggingface_hub, which reads these once: offline unless the user asked otherwise.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 from pathlib import Path
 
 import torch
-
-
-if not torch.accelerator.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator-detection warning
-
 from datasets import Dataset, load_dataset, load_from_disk
+from huggingface_hub import constants
 from trl import ModelConfig, TrlParser
 
 from llmreg.lab import LAB_DATASETS, LAB_MODEL_ID, load_lab_dataset, resolve_model_name_or_path
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
+
+
+def _recipe_environment() -> None:
+    """Offline unless the user set ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``); quiet tokenizers and DeepSpeed."""
+    if "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts
+        # huggingface_hub read the variable when a recipe imported TRL, before llmreg: set what it read, too.
+        constants.HF_HUB_OFFLINE = True
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator-detection warning
+
+
+_recipe_environment()
 
 
 def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, **defaults) -> TrlParser:

@@ -1,5 +1,7 @@
 """Recipe plumbing: YAML + command line precedence, unknown keys, CPU defaults, lab defaults, bad input."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,3 +116,14 @@ def test_no_arguments_run_what_the_shipped_config_spells_out():
     configured = sft.make_parser().parse_args_and_config(["--config", config])
     assert bare[0] == configured[0] and bare[2] == configured[2]
     assert bare[1].to_dict() == configured[1].to_dict()
+
+
+@pytest.mark.parametrize(("environment", "offline"), [({}, True), ({"HF_HUB_OFFLINE": "0"}, False)])
+def test_recipes_are_offline_unless_the_user_says_otherwise(environment, offline):
+    # A recipe imports TRL, and so huggingface_hub, before llmreg: offline mode must hold all the same.
+    code = ("import trl, huggingface_hub, llmreg.recipe_utils, os; "
+            "print(huggingface_hub.constants.is_offline_mode(), os.environ['HF_HUB_OFFLINE'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    result = subprocess.run([sys.executable, "-c", code], env={**env, **environment}, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split()[0] == str(offline)
