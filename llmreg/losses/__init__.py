@@ -1,5 +1,14 @@
 """Pure loss math: functions of tensors that return tensors. This package imports torch and nothing else.
 
-Each method's loss lives in its own module here (added with the method), next to the shared pieces every method
-uses: masked aggregation, the KL estimator vocabulary and sequence log-prob sums.
+- ``aggregation``: masked aggregation of per-token losses (token-mean with a global normalizer, sequence means);
+- ``kl``: the KL estimator vocabulary (k1, k2, k3);
+- ``rpg``: RPG's KL-regularized policy-gradient surrogates (forward/reverse, normalized/unnormalized KL; full and
+  REINFORCE estimators; old-policy or fixed reference).
 """
+
+from llmreg.losses.aggregation import aggregate
+from llmreg.losses.kl import kl_estimate
+from llmreg.losses.rpg import rpg_per_token_loss
+
+
+__all__ = ["aggregate", "kl_estimate", "rpg_per_token_loss"]

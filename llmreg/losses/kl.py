@@ -1,0 +1,33 @@
+"""The KL estimator vocabulary, shared by every method (the names verl, OpenRLHF and TRL use).
+
+For samples x ~ p and the log-ratio r = log p(x) − log q(x), unbiased or low-variance estimates of KL(p‖q):
+
+- ``k1`` = r                          unbiased, high variance, can be negative per sample;
+- ``k2`` = r² / 2                     biased (exact to second order), non-negative;
+- ``k3`` = exp(−r) − 1 + r            unbiased, non-negative (Schulman, "Approximating KL divergence", 2020).
+
+``k3_of_log(log_y)`` = y − 1 − log y is the function under ``k3`` (k3 = k3_of_log(−r)); RPG's unnormalized KLs are
+importance-weighted values of it (RPG paper, App. D).
+"""
+
+import torch
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def k3_of_log(log_y: torch.Tensor) -> torch.Tensor:
+    """y − 1 − log y for y = exp(log_y): non-negative, zero at y = 1."""
+    return torch.expm1(log_y) - log_y
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(p‖q) from tokens sampled from p, with ``logps`` = log p and ``ref_logps`` = log q."""
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        return k3_of_log(-log_ratio)
+    raise ValueError(f"Unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}.")
