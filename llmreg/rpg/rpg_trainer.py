@@ -1,0 +1,97 @@
+"""RPGTrainer: TRL's GRPOTrainer with the loss replaced by RPG's KL-regularized surrogates.
+
+Generation, rewards, advantages, batching and the reference model stay TRL's; only ``_compute_loss`` differs: it
+computes the per-token log-probs (TRL's fused forward), hands them to ``llmreg.losses.rpg.rpg_per_token_loss``,
+and aggregates with a global token mean over the optimizer step (``loss_type="dapo"``), so gradient accumulation
+and data parallelism do not change the loss.
+"""
+
+import logging
+from typing import ClassVar
+
+import torch
+from trl import GRPOTrainer
+
+from llmreg.losses.aggregation import aggregate
+from llmreg.losses.rpg import rpg_per_token_loss
+from llmreg.rpg.rpg_config import RPGConfig
+
+
+logger = logging.getLogger(__name__)
+
+
+class RPGTrainer(GRPOTrainer):
+    """GRPOTrainer whose loss is an RPG surrogate (https://huggingface.co/papers/2505.17508).
+
+    >>> from llmreg.lab import arithmetic_dataset, arithmetic_reward, ensure_lab_model
+    >>> from llmreg.rpg import RPGConfig, RPGTrainer
+    >>> args = RPGConfig("outputs/rpg", divergence="urkl", estimator="reinforce", use_cpu=True, bf16=False)
+    >>> trainer = RPGTrainer(str(ensure_lab_model()), arithmetic_reward, args=args,
+    ...                      train_dataset=arithmetic_dataset(512))
+    >>> trainer.train()
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "grpo", "rpg", "llmreg"]
+    _name = "RPG"
+
+    def __init__(self, model, reward_funcs=None, args: RPGConfig | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = RPGConfig(f"{name.split('/')[-1]}-RPG")
+        if not isinstance(args, RPGConfig):
+            raise TypeError(f"RPGTrainer needs an RPGConfig, got {type(args).__name__}: the RPG fields (divergence, "
+                            "estimator, reference, rpg_beta, ...) live there.")
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.variant = (f"{args.divergence}/{args.estimator}/ref={args.reference}/clip={args.clip}"
+                        + ("/kl_in_advantage" if args.kl_in_advantage else ""))
+        logger.info("RPG variant %s, beta %g", self.variant, args.rpg_beta)
+
+    def _compute_loss(self, model, inputs):
+        args = self.args
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+        )
+        # TRL skips the old log-probs when they equal the current ones (one optimizer step per generation).
+        old_logps = inputs.get("old_per_token_logps")
+        old_logps = logps.detach() if old_logps is None else old_logps
+        per_token_loss, token_metrics = rpg_per_token_loss(
+            logps, old_logps, inputs["advantages"],
+            divergence=args.divergence, estimator=args.estimator, beta=args.rpg_beta,
+            ref_logps=inputs["ref_per_token_logps"] if args.reference == "fixed" else None,
+            clip=args.clip, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            dual_clip_c=args.dual_clip_c, kl_in_advantage=args.kl_in_advantage,
+        )
+
+        mode = "train" if self.model.training else "eval"
+        # num_items_in_batch counts the loss tokens of the whole generation batch on all ranks; one optimizer step
+        # takes gradient_accumulation_steps / steps_per_generation of it, split over the ranks.
+        num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            num_items = num_items * self.current_gradient_accumulation_steps / args.steps_per_generation
+        loss = aggregate(per_token_loss, mask, "token-mean", num_items=num_items)
+        if self.aux_loss_enabled:
+            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+
+        def global_masked_mean(values):
+            totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum().float()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        ratio = token_metrics["ratio"]
+        metrics = self._metrics[mode]
+        metrics[f"rpg/{args.divergence}"].append(global_masked_mean(token_metrics["kl"]))
+        metrics["rpg/ratio_mean"].append(global_masked_mean(ratio))
+        masked = mask.bool()
+        metrics["rpg/ratio_min"].append(self.accelerator.gather(ratio[masked].min() if masked.any() else
+                                                                ratio.new_ones(())).min().item())
+        metrics["rpg/ratio_max"].append(self.accelerator.gather(ratio[masked].max() if masked.any() else
+                                                                ratio.new_ones(())).max().item())
+        metrics["rpg/clip_fraction"].append(global_masked_mean(token_metrics["clipped"]))
+        metrics["entropy"].append(global_masked_mean(entropies))
+        return loss
