@@ -12,9 +12,10 @@ import tempfile
 
 import torch
 from harness import compare
-from trl import SFTConfig, SFTTrainer
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from llmreg.lab import arithmetic_dataset, ensure_lab_model
+from llmreg.lab import arithmetic_dataset, arithmetic_reward, ensure_lab_model
+from llmreg.rpg import RPGConfig, RPGTrainer
 
 
 # Every round is one train() call stopped by the harness, so max_steps only has to exceed the longest round; the
@@ -59,7 +60,33 @@ def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
     return make_candidate, make_baseline
 
 
-CASES = {"sft": make_sft_case}
+def grpo_kwargs(**overrides) -> dict:
+    """GRPO/RPG arguments shared by both sides: the same generation batch, clip range and reward scaling, so the
+    trainers differ only in their loss."""
+    kwargs = dict(
+        output_dir=OUTPUT_DIR, use_cpu=not torch.cuda.is_available(), bf16=False, activation_checkpointing=False,
+        report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0,
+        seed=0, per_device_train_batch_size=16, num_generations=8, max_completion_length=16, learning_rate=1e-5,
+        max_steps=MAX_STEPS, steps_per_generation=4, epsilon_high=0.28, scale_rewards="none",
+    )
+    return {**kwargs, **overrides}
+
+
+def make_rpg_case():
+    """RPGTrainer (UFKL, full estimator, old policy as reference) against GRPOTrainer with beta = 0 (no KL)."""
+    model_dir = str(ensure_lab_model())
+    dataset = arithmetic_dataset(NUM_EXAMPLES)
+
+    def make_candidate():
+        return RPGTrainer(model_dir, arithmetic_reward, args=RPGConfig(**grpo_kwargs()), train_dataset=dataset)
+
+    def make_baseline():
+        return GRPOTrainer(model_dir, arithmetic_reward, args=GRPOConfig(**grpo_kwargs()), train_dataset=dataset)
+
+    return make_candidate, make_baseline
+
+
+CASES = {"sft": make_sft_case, "rpg": make_rpg_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

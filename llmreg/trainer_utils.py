@@ -1,8 +1,10 @@
 """What llmreg's trainers and recipes need alike: dataset column checks and DeepSpeed-on-CPU initialization."""
 
 import os
+from contextlib import contextmanager
 
 import torch
+from transformers.integrations import deepspeed as hf_deepspeed
 
 
 def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: str) -> str:
@@ -39,3 +41,22 @@ def init_deepspeed_distributed_on_cpu() -> None:
 
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+@contextmanager
+def without_zero3():
+    """Inside, a model can be loaded and used by this process alone even while a ZeRO-3 run is configured.
+
+    Once a ZeRO-3 TrainingArguments exists, transformers builds every model under ``deepspeed.zero.Init``
+    (partitioned across ranks) and ``generate`` syncs every step with the other ranks (``synced_gpus``): collectives
+    that every rank must join. An evaluation copy on the main process must be loaded and run outside that, or it
+    hangs. The run's configuration is restored on exit.
+    """
+    weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    configuration = weak_ref() if weak_ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if configuration is not None:
+            hf_deepspeed.set_hf_deepspeed_config(configuration)

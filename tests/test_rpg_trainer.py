@@ -101,3 +101,27 @@ def test_without_kl_and_dual_clip_the_loss_is_grpos(lab_model_dir, tmp_path):
     rpg_loss = trainer._compute_loss(trainer.model, inputs)
     grpo_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     torch.testing.assert_close(rpg_loss, grpo_loss, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoints_inside_a_generation_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        rpg_config(tmp_path, save_strategy="steps", save_steps=6)
+    assert rpg_config(tmp_path, save_strategy="steps", save_steps=8).save_steps == 8
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_equals_the_straight_run(lab_model_dir, tmp_path):
+    def losses(trainer):
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry and "step" in entry]
+
+    straight = make_trainer(lab_model_dir, rpg_config(tmp_path / "straight", max_steps=8), length_reward)
+    straight.train()
+    first = make_trainer(lab_model_dir, rpg_config(tmp_path / "resumed", max_steps=8, save_strategy="steps",
+                                                    save_steps=4), length_reward)
+    first.train()
+    resumed = make_trainer(lab_model_dir, rpg_config(tmp_path / "resumed", max_steps=8), length_reward)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-4"))
+    assert len(losses(straight)) == 8 and len(losses(resumed)) == 8
+    assert max(abs(a - b) for a, b in zip(losses(straight)[4:], losses(resumed)[4:])) < 1e-5
+    for name, value in straight.model.named_parameters():
+        torch.testing.assert_close(resumed.model.get_parameter(name), value, rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ Nothing here trains with a Trainer or imports one: recipes and tests ask the lab
 from llmreg.lab.arithmetic import arithmetic_dataset, arithmetic_reward, extract_answer, is_correct
 from llmreg.lab.corpus import corpus_dataset, heldout_loss
 from llmreg.lab.datasets import LAB_DATASETS, load_lab_dataset
-from llmreg.lab.evaluate import evaluate_lab_model, generate_completions
+from llmreg.lab.evaluate import arithmetic_accuracy, evaluate_lab_model, generate_completions
 from llmreg.lab.facts import fact_is_correct, facts_accuracy, facts_dataset
 from llmreg.lab.model import (
     LAB_MODEL_ID,
@@ -38,6 +38,7 @@ from llmreg.lab.safety import (
 __all__ = [
     "LAB_DATASETS",
     "LAB_MODEL_ID",
+    "arithmetic_accuracy",
     "arithmetic_dataset",
     "arithmetic_reward",
     "build_lab_model",

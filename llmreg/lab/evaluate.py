@@ -33,6 +33,13 @@ def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 
     return completions
 
 
+def arithmetic_accuracy(model, tokenizer, num_samples: int = 200, seed: int = 0, show_progress: bool = True) -> float:
+    """Percentage of held-out arithmetic questions (two-digit ones unseen in the lab warm start) answered right."""
+    dataset = arithmetic_dataset(num_samples, seed, split="test")
+    answers = generate_completions(model, tokenizer, dataset["prompt"], desc="arithmetic", show_progress=show_progress)
+    return 100.0 * sum(map(is_correct, answers, dataset["answer"])) / len(answers)
+
+
 def evaluate_lab_model(model, tokenizer, num_samples: int = 200, seed: int = 0,
                        show_progress: bool = True) -> dict[str, float]:
     """Scores on every lab task, on held-out data. Percentages, except the held-out loss (nats per token).
@@ -42,15 +49,13 @@ def evaluate_lab_model(model, tokenizer, num_samples: int = 200, seed: int = 0,
     def run(dataset, desc):
         return generate_completions(model, tokenizer, dataset["prompt"], desc=desc, show_progress=show_progress)
 
-    arithmetic = arithmetic_dataset(num_samples, seed, split="test")
-    answers = run(arithmetic, "arithmetic")
     harmful_prompts = safety_eval_prompts(num_samples, seed)
     harmful_answers = run(harmful_prompts, "safety")
     sentiment = sentiment_dataset(num_samples, seed, split="test")
     facts_forget, facts_retain = facts_dataset("forget", seed=seed), facts_dataset("retain", seed=seed)
     corpus = corpus_dataset(num_samples, seed, split="test")
     return {
-        "arithmetic_accuracy": 100.0 * sum(map(is_correct, answers, arithmetic["answer"])) / len(answers),
+        "arithmetic_accuracy": arithmetic_accuracy(model, tokenizer, num_samples, seed, show_progress),
         "harmful_score": harmful_score(harmful_answers),
         "refusal_rate": 100.0 * sum(map(is_refusal, harmful_answers)) / len(harmful_answers),
         "sentiment_accuracy": sentiment_accuracy(run(sentiment, "sentiment"), sentiment["label"]),

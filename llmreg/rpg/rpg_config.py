@@ -115,6 +115,15 @@ class RPGConfig(GRPOConfig):
         if self.reference == "fixed":
             self.beta = self.rpg_beta  # makes TRL load the reference model and compute its log-probs
         super().__post_init__()
+        # TRL keeps a generation's batches in memory, not in checkpoints: a resume starts a new generation, so only
+        # checkpoints at generation boundaries resume exactly.
+        steps_per_rollout = self.steps_per_generation * self.num_iterations // self.gradient_accumulation_steps
+        if self.save_strategy == "steps" and steps_per_rollout > 1 and self.save_steps % steps_per_rollout != 0:
+            raise ValueError(
+                f"save_steps={self.save_steps} saves in the middle of a generation ({steps_per_rollout} optimizer "
+                "steps each), and a resume from there would not continue the same samples. Set save_steps to a "
+                f"multiple of {steps_per_rollout}."
+            )
         if self.reference == "old" and self.gradient_accumulation_steps % (
             self.steps_per_generation * self.num_iterations
         ) == 0:
