@@ -125,3 +125,18 @@ def test_resume_from_a_checkpoint_equals_the_straight_run(lab_model_dir, tmp_pat
     assert max(abs(a - b) for a, b in zip(losses(straight)[4:], losses(resumed)[4:])) < 1e-5
     for name, value in straight.model.named_parameters():
         torch.testing.assert_close(resumed.model.get_parameter(name), value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fixed_reference_under_peft_is_the_base_model_with_the_adapter_disabled(lab_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    args = rpg_config(tmp_path, reference="fixed", divergence="urkl", learning_rate=1e-3)
+    trainer = RPGTrainer(str(lab_model_dir), length_reward, args=args, train_dataset=arithmetic_dataset(256),
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert trainer.ref_model is None  # TRL disables the adapter instead of keeping a copy
+    base = {name: value.clone() for name, value in trainer.model.named_parameters() if "lora" not in name}
+    trainer.train()
+    assert all(value.equal(base[name]) for name, value in trainer.model.named_parameters() if "lora" not in name)
+    kls = [entry["rpg/urkl"] for entry in trainer.state.log_history if "rpg/urkl" in entry]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[-1] > 0  # the adapter moves the policy off the base model
