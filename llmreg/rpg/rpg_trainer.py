@@ -79,19 +79,23 @@ class RPGTrainer(GRPOTrainer):
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
 
-        def global_masked_mean(values):
-            totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum().float()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        ratio = token_metrics["ratio"]
-        metrics = self._metrics[mode]
-        metrics[f"rpg/{args.divergence}"].append(global_masked_mean(token_metrics["kl"]))
-        metrics["rpg/ratio_mean"].append(global_masked_mean(ratio))
-        masked = mask.bool()
-        metrics["rpg/ratio_min"].append(self.accelerator.gather(ratio[masked].min() if masked.any() else
-                                                                ratio.new_ones(())).min().item())
-        metrics["rpg/ratio_max"].append(self.accelerator.gather(ratio[masked].max() if masked.any() else
-                                                                ratio.new_ones(())).max().item())
-        metrics["rpg/clip_fraction"].append(global_masked_mean(token_metrics["clipped"]))
-        metrics["entropy"].append(global_masked_mean(entropies))
+        self._log_rpg_metrics(mode, mask, token_metrics, entropies.detach())
         return loss
+
+    def _log_rpg_metrics(self, mode: str, mask: torch.Tensor, token_metrics: dict, entropies: torch.Tensor) -> None:
+        """Token means over all ranks with one reduction, and the ratio extremes with one gather."""
+        mask = mask.to(entropies.dtype)
+        ratio = token_metrics["ratio"]
+        means = {f"rpg/{self.args.divergence}": token_metrics["kl"], "rpg/ratio_mean": ratio,
+                 "rpg/clip_fraction": token_metrics["clipped"], "entropy": entropies}
+        sums = torch.stack([*((values * mask).sum() for values in means.values()), mask.sum()])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        for index, name in enumerate(means):
+            self._metrics[mode][name].append((sums[index] / sums[-1].clamp(min=1.0)).item())
+        padding = mask == 0
+        extremes = torch.stack(
+            [ratio.masked_fill(padding, -torch.inf).max(), (-ratio).masked_fill(padding, -torch.inf).max()]
+        )
+        extremes = self.accelerator.gather(extremes).view(-1, 2).max(dim=0).values
+        self._metrics[mode]["rpg/ratio_max"].append(extremes[0].item())
+        self._metrics[mode]["rpg/ratio_min"].append(-extremes[1].item())
