@@ -15,6 +15,7 @@ from llmreg.trainer_utils import check_dataset_columns
 
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+import rpg
 import sft
 
 
@@ -110,10 +111,11 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
         load_recipe_dataset(script_args, "train")
 
 
-def test_no_arguments_run_what_the_shipped_config_spells_out():
-    config = str(Path(__file__).parents[1] / "recipes" / "configs" / "sft.yaml")
-    bare = sft.make_parser().parse_args_and_config([])
-    configured = sft.make_parser().parse_args_and_config(["--config", config])
+@pytest.mark.parametrize(("recipe", "config"), [(sft, "sft.yaml"), (rpg, "rpg_lab.yaml")])
+def test_no_arguments_run_what_the_shipped_lab_config_spells_out(recipe, config):
+    path = str(Path(__file__).parents[1] / "recipes" / "configs" / config)
+    bare = recipe.make_parser().parse_args_and_config([])
+    configured = recipe.make_parser().parse_args_and_config(["--config", path])
     assert bare[0] == configured[0] and bare[2] == configured[2]
     assert bare[1].to_dict() == configured[1].to_dict()
 
