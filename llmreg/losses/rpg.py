@@ -54,9 +54,29 @@ ESTIMATORS = ("full", "reinforce")
 CLIPS = ("dual", "rpg", "none")
 
 
-def _check_option(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_option(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"Unknown {name} {value!r}; valid values: {', '.join(valid)}.")
+
+
+def check_rpg_options(divergence: str, estimator: str, clip: str, beta: float, epsilon_low: float,
+                      epsilon_high: float, dual_clip_c: float, kl_in_advantage: bool) -> None:
+    """Raise a clear error for an unknown name or an incompatible combination (also run by RPGConfig)."""
+    check_option("divergence", divergence, DIVERGENCES)
+    check_option("estimator", estimator, ESTIMATORS)
+    check_option("clip", clip, CLIPS)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}.")
+    if not 0.0 <= epsilon_low < 1.0 or epsilon_high < 0.0:
+        raise ValueError(f"Need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low} and {epsilon_high}.")
+    if dual_clip_c <= 1.0 + epsilon_high:
+        raise ValueError(f"dual_clip_c must exceed 1 + epsilon_high = {1.0 + epsilon_high}, got {dual_clip_c}.")
+    if clip == "rpg" and estimator != "reinforce":
+        raise ValueError("clip='rpg' is the RPG-style clip of the REINFORCE estimator; with estimator='full' use "
+                         "clip='dual' or 'none' (or kl_in_advantage=True for the paper's Alg. 1).")
+    if kl_in_advantage and estimator != "full":
+        raise ValueError("kl_in_advantage=True is the full estimator's Alg. 1 variant; the REINFORCE estimator "
+                         "already puts the KL into its weight. Use estimator='full' or kl_in_advantage=False.")
 
 
 def kl_value(divergence: str, log_w: torch.Tensor, log_rho: torch.Tensor) -> torch.Tensor:
@@ -140,21 +160,7 @@ def rpg_per_token_loss(
         The per-token loss and detached per-token metrics (same shape; mask and aggregate them like the loss):
         ``kl`` (the β-free divergence estimate), ``ratio`` (w) and ``clipped`` (1.0 where the clip cut the gradient).
     """
-    _check_option("divergence", divergence, DIVERGENCES)
-    _check_option("estimator", estimator, ESTIMATORS)
-    _check_option("clip", clip, CLIPS)
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}.")
-    if not 0.0 <= epsilon_low < 1.0 or epsilon_high < 0.0:
-        raise ValueError(f"Need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {epsilon_low} and {epsilon_high}.")
-    if dual_clip_c <= 1.0 + epsilon_high:
-        raise ValueError(f"dual_clip_c must exceed 1 + epsilon_high = {1.0 + epsilon_high}, got {dual_clip_c}.")
-    if clip == "rpg" and estimator != "reinforce":
-        raise ValueError("clip='rpg' is the RPG-style clip of the REINFORCE estimator; with estimator='full' use "
-                         "clip='dual' or 'none' (or kl_in_advantage=True for the paper's Alg. 1).")
-    if kl_in_advantage and estimator != "full":
-        raise ValueError("kl_in_advantage=True is the full estimator's Alg. 1 variant; the REINFORCE estimator "
-                         "already puts the KL into its weight. Use estimator='full' or kl_in_advantage=False.")
+    check_rpg_options(divergence, estimator, clip, beta, epsilon_low, epsilon_high, dual_clip_c, kl_in_advantage)
     for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if tensor is not None and tensor.shape != logps.shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)} but logps has {tuple(logps.shape)}.")

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from llmreg.losses.rpg import CLIPS, DIVERGENCES, ESTIMATORS
+from llmreg.losses.rpg import CLIPS, DIVERGENCES, ESTIMATORS, check_option, check_rpg_options
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
 
@@ -74,21 +74,15 @@ class RPGConfig(GRPOConfig):
     def __post_init__(self):
         # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
         init_deepspeed_distributed_on_cpu()
-        for name, valid in (("divergence", DIVERGENCES), ("estimator", ESTIMATORS), ("reference", REFERENCES)):
-            if getattr(self, name) not in valid:
-                raise ValueError(f"Unknown {name} {getattr(self, name)!r}; valid values: {', '.join(valid)}.")
-        if self.clip is None:
-            self.clip = "dual" if self.estimator == "full" else "rpg"
-        if self.clip not in CLIPS:
-            raise ValueError(f"Unknown clip {self.clip!r}; valid values: {', '.join(CLIPS)}.")
-        if self.clip == "rpg" and self.estimator != "reinforce":
-            raise ValueError("clip='rpg' clips the REINFORCE estimator's weight; with estimator='full' use "
-                             "clip='dual' or 'none' (or kl_in_advantage=True for the paper's Alg. 1).")
-        if self.kl_in_advantage and self.estimator != "full":
-            raise ValueError("kl_in_advantage=True applies to estimator='full'; the REINFORCE estimator already puts "
-                             "the KL into its weight.")
+        check_option("reference", self.reference, REFERENCES)
         if self.rpg_beta < 0:
             raise ValueError(f"rpg_beta must be >= 0, got {self.rpg_beta}.")
+        if self.clip is None:
+            self.clip = "dual" if self.estimator == "full" else "rpg"
+        # The loss's own checks, run here so that a bad combination fails before any model is loaded.
+        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        check_rpg_options(self.divergence, self.estimator, self.clip, self.rpg_beta, self.epsilon, epsilon_high,
+                          self.dual_clip_c, self.kl_in_advantage)
         if self.beta != 0.0:
             raise ValueError(f"beta={self.beta} is TRL's k3 KL penalty, which RPGTrainer replaces. Set the KL "
                              "coefficient with rpg_beta and the reference with reference='old' or 'fixed'.")
