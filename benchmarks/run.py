@@ -25,25 +25,25 @@ NUM_EXAMPLES = 1024
 OUTPUT_DIR = os.path.join(tempfile.gettempdir(), "llmreg-benchmarks")  # nothing is saved (save_strategy="no")
 
 
-def sft_config(**overrides) -> SFTConfig:
-    """SFT arguments shared by every case: small batches of the lab task, CPU-safe, no saving or reporting."""
-    kwargs = dict(
-        output_dir=OUTPUT_DIR,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        activation_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1000,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-        per_device_train_batch_size=8,
-        max_length=128,
-        learning_rate=1e-4,
-        max_steps=MAX_STEPS,
-    )
-    return SFTConfig(**{**kwargs, **overrides})
+# Every case, both sides: CPU-safe, no saving, reporting or progress bars, a fixed seed.
+COMMON_ARGS = dict(
+    output_dir=OUTPUT_DIR,
+    use_cpu=not torch.cuda.is_available(),
+    bf16=False,
+    activation_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=1000,
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+    seed=0,
+    max_steps=MAX_STEPS,
+)
+
+
+def sft_config() -> SFTConfig:
+    """SFT arguments shared by every case: small batches of the lab task."""
+    return SFTConfig(**{**COMMON_ARGS, "per_device_train_batch_size": 8, "max_length": 128, "learning_rate": 1e-4})
 
 
 def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
@@ -60,16 +60,11 @@ def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
     return make_candidate, make_baseline
 
 
-def grpo_kwargs(**overrides) -> dict:
+def grpo_kwargs() -> dict:
     """GRPO/RPG arguments shared by both sides: the same generation batch, clip range and reward scaling, so the
     trainers differ only in their loss."""
-    kwargs = dict(
-        output_dir=OUTPUT_DIR, use_cpu=not torch.cuda.is_available(), bf16=False, activation_checkpointing=False,
-        report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, dataloader_num_workers=0,
-        seed=0, per_device_train_batch_size=16, num_generations=8, max_completion_length=16, learning_rate=1e-5,
-        max_steps=MAX_STEPS, steps_per_generation=4, epsilon_high=0.28, scale_rewards="none",
-    )
-    return {**kwargs, **overrides}
+    return dict(COMMON_ARGS, per_device_train_batch_size=16, num_generations=8, max_completion_length=16,
+                learning_rate=1e-5, steps_per_generation=4, epsilon_high=0.28, scale_rewards="none")
 
 
 def make_rpg_case():
