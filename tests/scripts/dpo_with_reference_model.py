@@ -26,3 +26,4 @@ if __name__ == "__main__":
     trainer = DPOTrainer(model=policy, args=training_args, train_dataset=pairs)
     trainer.train()
     trainer.save_state()
+    trainer.end()  # tears the process group down before exit, as the recipes do: an abrupt exit can abort a rank
