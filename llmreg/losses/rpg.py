@@ -47,16 +47,12 @@ Caveat (paper; Tang & Munos 2025): per-token surrogates give, for sequences, the
 import torch
 
 from llmreg.losses.kl import k3_of_log
+from llmreg.losses.options import check_option
 
 
 DIVERGENCES = ("fkl", "ufkl", "rkl", "urkl")
 ESTIMATORS = ("full", "reinforce")
 CLIPS = ("dual", "rpg", "none")
-
-
-def check_option(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"Unknown {name} {value!r}; valid values: {', '.join(valid)}.")
 
 
 def check_rpg_options(divergence: str, estimator: str, clip: str, beta: float, epsilon_low: float,
