@@ -11,11 +11,14 @@ import os
 import tempfile
 
 import torch
+from datasets import Dataset
 from harness import compare
-from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from llmreg.lab import arithmetic_dataset, arithmetic_reward, ensure_lab_model
 from llmreg.rpg import RPGConfig, RPGTrainer
+from llmreg.rspo import RSPOConfig, RSPOTrainer
+from llmreg.spin import SPINConfig, SPINTrainer
 
 
 # Every round is one train() call stopped by the harness, so max_steps only has to exceed the longest round; the
@@ -81,7 +84,53 @@ def make_rpg_case():
     return make_candidate, make_baseline
 
 
-CASES = {"sft": make_sft_case, "rpg": make_rpg_case}
+def preference_dataset() -> Dataset:
+    """Lab arithmetic pairs: the right answer against a wrong one, with SPPO's win-probability columns."""
+    rows = arithmetic_dataset(NUM_EXAMPLES)
+    wrong = [[{"role": "assistant", "content": f"{message[0]['content'].split('=')[0]}= {int(answer) + 1}"}]
+             for message, answer in zip(rows["completion"], rows["answer"])]
+    return Dataset.from_dict({
+        "prompt": list(rows["prompt"]), "chosen": list(rows["completion"]), "rejected": wrong,
+        "chosen_probs_win": [0.6 + 0.3 * (i % 3) / 2 for i in range(NUM_EXAMPLES)],
+        "chosen_probs_lose": [0.4 - 0.3 * (i % 3) / 2 for i in range(NUM_EXAMPLES)],
+        "chosen_probs": [0.9] * NUM_EXAMPLES,
+    })
+
+
+def preference_kwargs() -> dict:
+    """DPO-family arguments shared by both sides: reference log-probs precomputed before training (no reference
+    model in memory), the same batches."""
+    return dict(COMMON_ARGS, per_device_train_batch_size=8, max_length=128, learning_rate=1e-5,
+                precompute_ref_log_probs=True)
+
+
+def make_selfplay_case(config_cls, trainer_cls, **method_args):
+    """``trainer_cls`` against TRL's DPOTrainer (sigmoid loss), both with precomputed reference log-probs; the
+    candidate's base model (the lab model's own weights, loaded from its path) is precomputed too."""
+    model_dir = str(ensure_lab_model())
+    dataset = preference_dataset()
+
+    def make_candidate():
+        args = config_cls(**preference_kwargs(), base_model_name_or_path=model_dir, **method_args)
+        return trainer_cls(model_dir, args=args, train_dataset=dataset)
+
+    def make_baseline():
+        return DPOTrainer(model_dir, args=DPOConfig(**preference_kwargs()), train_dataset=dataset)
+
+    return make_candidate, make_baseline
+
+
+def make_rspo_case():
+    """RSPOTrainer (soft SPPO + λ·(IS-forward + reverse KL) to a precomputed base) against DPOTrainer."""
+    return make_selfplay_case(RSPOConfig, RSPOTrainer, regularizers="forward_kl_is=0.01,reverse_kl=0.5")
+
+
+def make_spin_case():
+    """SPINTrainer (α-SPIN, α = 0.3, precomputed base) against DPOTrainer."""
+    return make_selfplay_case(SPINConfig, SPINTrainer, alpha=0.3)
+
+
+CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

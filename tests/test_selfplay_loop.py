@@ -1,0 +1,175 @@
+"""The self-play loop (llmreg/selfplay): judges' preference matrices, and recipes/rspo.py and recipes/spin.py end to
+end — artifacts, resuming after a kill with the same files, LoRA, and 2-process DDP / DeepSpeed ZeRO-3 launches."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from test_recipes import REPO, launch
+
+from llmreg.lab import arithmetic_dataset
+from llmreg.selfplay import SelfPlayArguments, SelfPlayLoop
+from llmreg.selfplay.judges import PairwiseJudge, RewardFunctionJudge, make_judge, pair_from_preferences
+from llmreg.spin import SPINConfig
+
+
+# A few seconds per iteration on one CPU process.
+TINY = ["--iterations", "2", "--prompts_per_iteration", "32", "--num_samples", "3", "--num_eval_prompts", "16",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--generation_batch_size", "16",
+        "--logging_steps", "1", "--seed", "3"]
+
+
+# --- judges ---------------------------------------------------------------------------------------------------------
+
+def length_reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def test_reward_function_judge_gives_bradley_terry_preferences_and_sppo_pairs():
+    judge = RewardFunctionJudge(length_reward, temperature=2.0)
+    groups = [["a", "abc", "ab"], ["xx", "x", "xx"]]
+    matrix = judge.preferences(["p", "q"], groups, {"prompt": ["p", "q"]})
+    scores = torch.tensor([[1.0, 3.0, 2.0], [2.0, 1.0, 2.0]], dtype=torch.float64)
+    expected = torch.sigmoid((scores[:, :, None] - scores[:, None, :]) / 2.0)
+    torch.testing.assert_close(matrix, expected)
+    torch.testing.assert_close(matrix + matrix.transpose(1, 2), torch.ones_like(matrix))
+
+    pairs = pair_from_preferences(matrix)
+    p = expected.mean(-1)
+    assert pairs["winner"] == [1, 0] and pairs["loser"] == [0, 1]  # ties go to the lowest index
+    assert pairs["chosen_probs_win"] == pytest.approx([p[0, 1].item(), p[1, 0].item()])
+    assert pairs["chosen_probs_lose"] == pytest.approx([p[0, 0].item(), p[1, 1].item()])
+    assert pairs["chosen_probs"] == pytest.approx([expected[0, 1, 0].item(), expected[1, 0, 1].item()])
+
+
+def test_reward_function_judge_passes_dataset_columns_and_lab_scorer_judges_answers():
+    judge = make_judge("reward_func:llmreg.lab.arithmetic_reward")
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]]
+    scores = judge.scores(prompts, [["2 + 3 = 5", "2 + 3 = 6"]], {"prompt": prompts, "answer": ["5"]})
+    assert scores.tolist() == [[1.0, 0.0]]
+
+
+def test_pairwise_judge_fills_an_antisymmetric_matrix_and_checks_probabilities():
+    matrix = PairwiseJudge(lambda prompt, a, b: 0.9 if len(a) > len(b) else 0.2).preferences(
+        ["p"], [["aaa", "a", "aa"]], {})
+    assert matrix[0, 0, 1] == 0.9 and matrix[0, 1, 0] == pytest.approx(0.1)
+    assert matrix[0, 1, 2] == 0.2 and matrix[0, 2, 1] == pytest.approx(0.8)
+    torch.testing.assert_close(matrix.diagonal(dim1=1, dim2=2), torch.full((1, 3), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not a probability"):
+        PairwiseJudge(lambda prompt, a, b: 2.0).preferences(["p"], [["a", "b"]], {})
+
+
+@pytest.mark.parametrize("spec", ["pairrm", "reward_func:", "reward_func:llmreg.lab.no_such_function"])
+def test_bad_judge_specs_fail_with_the_fix(spec):
+    with pytest.raises(ValueError, match="reward_func|Cannot import"):
+        make_judge(spec)
+
+
+# --- the loop through the recipes -----------------------------------------------------------------------------------
+
+def recipe_command(method: str, output_dir, *extra) -> list[str]:
+    return [sys.executable, str(REPO / "recipes" / f"{method}.py"), *TINY, "--output_dir", str(output_dir), *extra]
+
+
+def run_recipe(method: str, output_dir, *extra) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(recipe_command(method, output_dir, *extra), cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result.stdout
+
+
+def assert_iterations(output_dir, lab_model_dir, iterations=2):
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert [row["model"] for row in summary] == ["base"] + [f"iter_{t}" for t in range(1, iterations + 1)]
+    assert summary[0]["win_rate_vs_base"] == 50.0 and summary[0]["kl_to_base"] == 0.0
+    base = load_file(lab_model_dir / "model.safetensors")
+    for t in range(1, iterations + 1):
+        directory = output_dir / f"iter_{t}"
+        assert (directory / "generations.jsonl").is_file() and (directory / "eval.json").is_file()
+        trained = load_file(directory / "model" / "model.safetensors")
+        assert any(not base[name].equal(trained[name]) for name in base), f"iteration {t} did not train"
+        assert summary[t]["kl_to_base"] != 0.0 and summary[t]["mean_length"] > 0
+    assert not list(output_dir.rglob("*.tmp"))  # every artifact was renamed into place
+    return summary
+
+
+@pytest.mark.slow
+def test_rspo_recipe_runs_iterations_and_prints_the_table(lab_model_dir, tmp_path):
+    stdout = run_recipe("rspo", tmp_path, "--regularizers", "reverse_kl=0.05")
+    summary = assert_iterations(tmp_path, lab_model_dir)
+    assert "| iter_2 |" in stdout and "iter_1: win rate vs base" in stdout
+    rows = [json.loads(line) for line in (tmp_path / "iter_1" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and all(len(group) == 3 for group in rows)
+    pairs = json.loads((tmp_path / "iter_1" / "dataset" / "dataset_info.json").read_text())["features"]
+    assert {"prompt", "chosen", "rejected", "chosen_probs_win", "chosen_probs_lose", "chosen_probs"} <= set(pairs)
+    assert all(0.0 <= row["score"] <= 1.0 for row in summary)
+
+
+@pytest.mark.slow
+def test_spin_recipe_with_lora_merges_each_iterate_and_plays_the_last_two(lab_model_dir, tmp_path):
+    run_recipe("spin", tmp_path, "--use_peft", "--lora_r", "8", "--lora_target_modules", "all-linear",
+               "--learning_rate", "1e-3", "--history", "2", "--alpha", "0.3")
+    assert_iterations(tmp_path, lab_model_dir)
+    # Each iterate is a whole model (the adapter merged), so the next iteration starts from it.
+    assert not (tmp_path / "iter_1" / "model" / "adapter_config.json").exists()
+
+
+def test_spin_history_trains_on_the_pairs_of_the_last_h_iterations(lab_model_dir, tmp_path):
+    args = SPINConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    loop = SelfPlayLoop("spin", SelfPlayArguments(history=2), args, str(lab_model_dir), arithmetic_dataset(4),
+                        arithmetic_dataset(4, split="test"))
+    for t in (1, 2, 3):
+        Dataset.from_dict({"prompt": [f"p{t}"], "chosen": ["real"], "rejected": [f"generated by iterate {t}"]}
+                          ).save_to_disk(tmp_path / f"iter_{t}" / "dataset")
+    assert sorted(loop._training_dataset(3)["rejected"]) == ["generated by iterate 2", "generated by iterate 3"]
+    assert loop.model_path(3) == str(tmp_path / "iter_2" / "model") and loop.model_path(1) == str(lab_model_dir)
+
+
+@pytest.mark.slow
+def test_killed_loop_resumes_and_writes_the_same_files(lab_model_dir, tmp_path):
+    """Kill the loop in the middle of iteration 1's training (after a checkpoint), rerun the same command: it resumes
+    from that checkpoint and ends with the same datasets and evaluations as a run that was never interrupted."""
+    extra = ["--save_strategy", "steps", "--save_steps", "2", "--num_train_epochs", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_recipe("rspo", straight, *extra)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    process = subprocess.Popen(recipe_command("rspo", resumed, *extra), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = resumed / "iter_1" / "train" / "checkpoint-2"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (resumed / "iter_1" / "model").exists(), "not killed mid-training"
+
+    run_recipe("rspo", resumed, *extra)
+    for relative in ["iter_1/generations.jsonl", "iter_2/generations.jsonl", "iter_2/eval.json"]:
+        assert (resumed / relative).read_text() == (straight / relative).read_text(), relative
+    for t in (1, 2):
+        arrow = sorted((straight / f"iter_{t}" / "dataset").glob("data-*.arrow"))
+        assert arrow and all((resumed / f"iter_{t}" / "dataset" / a.name).read_bytes() == a.read_bytes()
+                             for a in arrow)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("method", "accelerate_config"), [
+    ("rspo", "multi_process.yaml"), ("rspo", "deepspeed_zero3.yaml"), ("spin", "deepspeed_zero3.yaml"),
+])
+def test_generation_and_training_on_two_processes(method, accelerate_config, lab_model_dir, tmp_path):
+    launch(accelerate_config, REPO / "recipes" / f"{method}.py", *TINY, "--iterations", "1",
+           "--output_dir", str(tmp_path))
+    assert_iterations(tmp_path, lab_model_dir, iterations=1)
+    # Both ranks generated: every prompt has its samples, in prompt order.
+    rows = [json.loads(line) for line in (tmp_path / "iter_1" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 32
