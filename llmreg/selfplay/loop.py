@@ -30,7 +30,6 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.selfplay.generation import completion_logps, sample_completions, sample_completions_vllm
@@ -93,6 +92,22 @@ def _replace_directory(temporary: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(temporary, final)
+
+
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest ``checkpoint-N`` the Trainer finished writing, or None.
+
+    The Trainer writes a checkpoint's files one after the other and ``trainer_state.json`` last; a process killed
+    in between leaves a checkpoint without it (or with it cut short), which ``get_last_checkpoint`` would pick.
+    """
+    steps = []
+    for checkpoint in directory.glob("checkpoint-*") if directory.is_dir() else []:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        steps.append((int(checkpoint.name.rpartition("-")[2]), checkpoint))
+    return str(max(steps)[1]) if steps else None
 
 
 def _assistant(prompt, text: str):
@@ -248,8 +263,7 @@ class SelfPlayLoop:
             args.history_models = [self.model_path(s) for s in range(t - 1, max(0, t - self.args.history), -1)]
         trainer = trainer_class(self.model_path(t), args=args, train_dataset=dataset,
                                 processing_class=self.tokenizer, peft_config=self.peft_config)
-        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(Path(args.output_dir)))
         temporary = directory / "model.tmp"
         trainer.save_model(str(temporary))
         if self.state.is_main_process:
