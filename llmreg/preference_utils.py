@@ -11,10 +11,12 @@ float tensors.
 """
 
 import gc
+import hashlib
 import logging
 import os
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from accelerate.utils import broadcast_object_list, tqdm
 from datasets import Dataset, concatenate_datasets
@@ -59,6 +61,23 @@ class ColumnPassingCollator:
             batch[f"{BASE_SAMPLE_PREFIX}attention_mask"] = pad([torch.ones(len(i), dtype=torch.long) for i in ids], 0)
             batch[f"{BASE_SAMPLE_PREFIX}completion_mask"] = pad([torch.tensor(m) for m in masks], 0)
         return batch
+
+
+def token_fingerprint(dataset: Dataset) -> str:
+    """A hash of the tokenized pairs' content (prompt, chosen and rejected ids), for caching per-row columns.
+
+    Not ``dataset._fingerprint``: after TRL's ``_prepare_dataset`` that depends on every training argument (its
+    ``filter`` closes over the config), so a new output directory or learning rate would miss the cache.
+    """
+    digest = hashlib.sha256()
+    tokens = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    table = (tokens.flatten_indices() if tokens._indices is not None else tokens).data.table
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        column = table.column(name).combine_chunks()
+        # The values and the lengths, as plain numbers: arrow's buffers also depend on offsets and chunking.
+        digest.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        digest.update(pc.list_flatten(column).to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    return digest.hexdigest()
 
 
 def weights_fingerprint(model_name_or_path: str) -> str:
@@ -128,7 +147,9 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
             return prepare_deepspeed(model, self.accelerator)
         if self.is_fsdp_enabled:
             return prepare_fsdp(model, self.accelerator)
-        return self.accelerator.prepare_model(model, evaluation_mode=True)
+        # Not accelerator.prepare_model: it would keep a reference (accelerator._models) and the model alive after
+        # the precompute. Evaluation needs no DDP wrapper anyway; the forward runs under accelerator.autocast().
+        return model.to(self.accelerator.device).eval()
 
     @torch.no_grad()
     def frozen_sequence_logps(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +165,8 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
         Runs on all ranks (each scores its shard; the results are gathered), caches the columns next to the dataset's
         own cache files keyed by the dataset fingerprint and the weight files, and frees the model afterwards.
         """
-        fingerprint = [Hasher.hash((dataset._fingerprint, weights_fingerprint(model_name_or_path), prefix))]
+        fingerprint = [Hasher.hash((token_fingerprint(dataset), weights_fingerprint(model_name_or_path), prefix,
+                                    str(self.model.dtype)))]
         broadcast_object_list(fingerprint, from_process=0)
         cache_file = dataset._get_cache_file_path(fingerprint[0])
         if not os.path.exists(cache_file):
