@@ -17,7 +17,9 @@ def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: 
     for name, required in formats.items():
         if columns.issuperset(required):
             return name
-    expected = "; ".join(f"{name}: {', '.join(repr(c) for c in required)}" for name, required in formats.items())
+    expected = "; ".join(f"{name}: {', '.join(repr(c) for c in required)} (missing "
+                         f"{', '.join(repr(c) for c in required if c not in columns)})"
+                         for name, required in formats.items())
     raise ValueError(
         f"{method} cannot use this dataset: its columns are {sorted(columns)}, but {method} needs the columns of "
         f"one of these formats: {expected}. Rename or map your columns (datasets.Dataset.rename_column or .map) "
