@@ -40,6 +40,14 @@ class RSPOTrainer(PrecomputedColumnsDPOTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "sppo", "rspo", "llmreg"]
     _name = "RSPO"
+    _paper: ClassVar[dict] = {
+        "title": "RSPO: Regularized Self-Play Alignment of Large Language Models",
+        "id": "2503.00030",
+        "citation": "@article{tang2025rspo,\n  title={RSPO: Regularized Self-Play Alignment of Large Language "
+                    "Models},\n  author={Tang, Xiaohang and Yoon, Sangwoong and Son, Seongho and Yuan, Huizhuo and "
+                    "Gu, Quanquan and Bogunovic, Ilija},\n  journal={arXiv preprint arXiv:2503.00030},\n  "
+                    "year={2025}\n}",
+    }
 
     def __init__(self, model, ref_model=None, args: RSPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):

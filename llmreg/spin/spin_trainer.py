@@ -32,6 +32,13 @@ class SPINTrainer(PrecomputedColumnsDPOTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "spin", "llmreg"]
     _name = "SPIN"
+    _paper: ClassVar[dict] = {
+        "title": "Self-Play Fine-Tuning Converts Weak Language Models to Strong Language Models",
+        "id": "2401.01335",
+        "citation": "@inproceedings{chen2024spin,\n  title={Self-Play Fine-Tuning Converts Weak Language Models to "
+                    "Strong Language Models},\n  author={Chen, Zixiang and Deng, Yihe and Yuan, Huizhuo and Ji, "
+                    "Kaixuan and Gu, Quanquan},\n  booktitle={ICML},\n  year={2024}\n}",
+    }
 
     def __init__(self, model, ref_model=None, args: SPINConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):
