@@ -1,5 +1,7 @@
-"""What llmreg's trainers and recipes need alike: dataset column checks and DeepSpeed-on-CPU initialization."""
+"""What llmreg's trainers and recipes need alike: dataset column checks, DeepSpeed-on-CPU initialization, option
+checks for trainers that replace a TRL loss, and importing functions named on the command line."""
 
+import importlib
 import os
 from contextlib import contextmanager
 
@@ -62,3 +64,29 @@ def without_zero3():
     finally:
         if configuration is not None:
             hf_deepspeed.set_hf_deepspeed_config(configuration)
+
+
+def set_dpo_loss_options(config) -> list[str]:
+    """The DPO loss options of a ``DPOConfig`` that differ from their defaults.
+
+    For trainers that replace the DPO loss (RSPO, SPIN): these options would be ignored, so their configs refuse them.
+    """
+    used = {
+        "loss_weights": config.loss_weights is not None,
+        "f_divergence_type": config.f_divergence_type != "reverse_kl",
+        "ld_alpha": config.ld_alpha is not None,
+        "use_weighting": config.use_weighting,
+        "label_smoothing": config.label_smoothing != 0.0,
+        "sync_ref_model": config.sync_ref_model,
+        "use_liger_kernel": config.use_liger_kernel,
+    }
+    return [name for name, is_set in used.items() if is_set]
+
+
+def import_object(path: str):
+    """``module.name`` → the object (a reward function, a judge), with an error that says what was expected."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"Cannot import {path!r} (expected an importable module.name): {error}") from error

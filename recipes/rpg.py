@@ -13,7 +13,6 @@ The paper's setting for a real model (8 GPUs, vLLM off; see the comments in the 
         --config recipes/configs/rpg.yaml
 """
 
-import importlib
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_
 from llmreg.lab import arithmetic_accuracy
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.rpg import RPGConfig, RPGTrainer
-from llmreg.trainer_utils import check_dataset_columns, without_zero3
+from llmreg.trainer_utils import check_dataset_columns, import_object, without_zero3
 
 
 logger = logging.getLogger(__name__)
@@ -38,14 +37,6 @@ class RPGScriptArguments(ScriptArguments):
     )
 
 
-def import_reward(path: str):
-    module_name, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"Cannot import reward function {path!r} (expected module.function): {error}") from error
-
-
 def lab_accuracy(model_path: str) -> float:
     with without_zero3():  # a whole copy, on the main process alone, also under ZeRO-3
         model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -56,7 +47,7 @@ def main(script_args: RPGScriptArguments, training_args: RPGConfig, model_args: 
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
     check_dataset_columns(train_dataset, {"prompt-only": ("prompt",)}, "RPG")
-    reward_funcs = [import_reward(path) for path in script_args.reward_funcs]
+    reward_funcs = [import_object(path) for path in script_args.reward_funcs]
     trainer = RPGTrainer(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,

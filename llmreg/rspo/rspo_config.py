@@ -8,7 +8,7 @@ from trl import DPOConfig
 
 from llmreg.losses.options import check_option
 from llmreg.losses.selfplay import REGULARIZERS, SPPO_VARIANTS
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
+from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu, set_dpo_loss_options
 
 
 def parse_regularizers(value: dict[str, float] | str | None) -> dict[str, float]:
@@ -102,11 +102,8 @@ class RSPOConfig(DPOConfig):
         if self.is_clip <= 0:
             raise ValueError(f"is_clip must be > 0, got {self.is_clip}.")
         super().__post_init__()
-        dpo_only = {"loss_type": self.loss_type != ["sigmoid"], "loss_weights": self.loss_weights is not None,
-                    "f_divergence_type": self.f_divergence_type != "reverse_kl", "ld_alpha": self.ld_alpha is not None,
-                    "use_weighting": self.use_weighting, "label_smoothing": self.label_smoothing != 0.0,
-                    "sync_ref_model": self.sync_ref_model, "use_liger_kernel": self.use_liger_kernel}
-        if any(dpo_only.values()):
-            names = ", ".join(name for name, used in dpo_only.items() if used)
+        unused = (["loss_type"] if self.loss_type != ["sigmoid"] else []) + set_dpo_loss_options(self)
+        if unused:
+            names = ", ".join(unused)
             raise ValueError(f"RSPOTrainer replaces the DPO loss, so these DPO options would do nothing: {names}. "
                              "Leave them at their defaults; the SPPO term is chosen with sppo_variant.")

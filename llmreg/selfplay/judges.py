@@ -14,23 +14,15 @@ P + Pᵀ = 1 and ½ on the diagonal. SPPO's win probability against the group is
 Score judges also give absolute scores (``scores``), which the loop reports (e.g. the lab's accuracy).
 """
 
-import importlib
 import itertools
 
 import torch
 from tqdm.auto import tqdm
 
+from llmreg.trainer_utils import import_object
+
 
 JUDGE_KINDS = ("reward_func", "reward_model", "pairwise")
-
-
-def import_object(path: str):
-    """``module.name`` → the object, with an error that says what was expected."""
-    module_name, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"Cannot import {path!r} (expected an importable module.name): {error}") from error
 
 
 def bradley_terry(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -138,5 +130,5 @@ def pair_from_preferences(matrix: torch.Tensor) -> dict[str, list]:
             "chosen_probs_lose": p[rows, loser].tolist(), "chosen_probs": matrix[rows, winner, loser].tolist()}
 
 
-__all__ = ["PairwiseJudge", "RewardFunctionJudge", "RewardModelJudge", "bradley_terry", "import_object",
-           "make_judge", "pair_from_preferences"]
+__all__ = ["PairwiseJudge", "RewardFunctionJudge", "RewardModelJudge", "bradley_terry", "make_judge",
+           "pair_from_preferences"]

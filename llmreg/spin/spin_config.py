@@ -6,7 +6,7 @@ from trl import DPOConfig
 
 from llmreg.losses.options import check_option
 from llmreg.losses.selfplay import OPPONENT_MIXTURES, SPIN_LOSSES
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
+from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu, set_dpo_loss_options
 
 
 @dataclass
@@ -77,11 +77,8 @@ class SPINConfig(DPOConfig):
             raise ValueError("history_models are mixed into the opponent by opponent_mixture='arith' or 'geom'. With "
                              "'data', fictitious play happens in the dataset (negatives from the last h generators): "
                              "drop history_models or choose 'arith'/'geom'.")
-        dpo_only = {"loss_weights": self.loss_weights is not None,
-                    "f_divergence_type": self.f_divergence_type != "reverse_kl", "ld_alpha": self.ld_alpha is not None,
-                    "use_weighting": self.use_weighting, "label_smoothing": self.label_smoothing != 0.0,
-                    "sync_ref_model": self.sync_ref_model, "use_liger_kernel": self.use_liger_kernel}
-        if any(dpo_only.values()):
-            names = ", ".join(name for name, used in dpo_only.items() if used)
+        unused = set_dpo_loss_options(self)
+        if unused:
+            names = ", ".join(unused)
             raise ValueError(f"SPINTrainer computes its own loss, so these DPO options would do nothing: {names}. "
                              "Leave them at their defaults.")
