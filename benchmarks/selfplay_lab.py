@@ -25,19 +25,22 @@ ABLATIONS = {
     "rspo": {
         "SPPO": ["--regularizers", ""],
         "RSPO reverse KL (λ=0.05)": ["--regularizers", "reverse_kl=0.05"],
+        "RSPO reverse KL (λ=0.5)": ["--regularizers", "reverse_kl=0.5"],
         "RSPO IS-forward + reverse KL (λ=0.01, 0.05)": ["--regularizers", "forward_kl_is=0.01,reverse_kl=0.05"],
     },
     "spin": {
         "SPIN": [],
         "α-SPIN (α=0.5)": ["--alpha", "0.5"],
         "SPIN history 2 (data)": ["--history", "2"],
+        "SPIN history 2 (arith)": ["--history", "2", "--opponent_mixture", "arith"],
     },
 }
 METRICS = ("win_rate_vs_base", "kl_to_base", "mean_length", "score")
 
 
 def run(ablation: str, variant: str, options: list[str], iterations: int, seed: int, output_dir: Path) -> list[dict]:
-    directory = output_dir / ablation / variant.split(" (")[0].replace(" ", "_") / f"seed{seed}"
+    name = "".join(c if c.isalnum() else "_" for c in variant)
+    directory = output_dir / ablation / name / f"seed{seed}"
     summary = directory / "summary.json"
     if not summary.exists():
         command = [sys.executable, str(REPO / "recipes" / f"{ablation}.py"), "--output_dir", str(directory),
