@@ -66,6 +66,30 @@ def test_pairwise_judge_fills_an_antisymmetric_matrix_and_checks_probabilities()
         PairwiseJudge(lambda prompt, a, b: 2.0).preferences(["p"], [["a", "b"]], {})
 
 
+def test_reward_model_judge_scores_prompt_and_completion_with_the_chat_template(lab_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lab_model_dir)
+    config = AutoConfig.from_pretrained(lab_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    judge = make_judge(f"reward_model:{tmp_path / 'rm'}", temperature=0.5)
+
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]]
+    groups = [["2 + 3 = 5", "2 + 3 = 6", "I do not know"]]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    texts = [tokenizer.apply_chat_template(prompts[0] + [{"role": "assistant", "content": c}], tokenize=False)
+             for c in groups[0]]
+    with torch.no_grad():
+        expected = torch.stack([model(**tokenizer(t, return_tensors="pt")).logits[0, 0] for t in texts]).double()
+    scores = judge.scores(prompts, groups, {})
+    torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-5)  # padding in the batch changes nothing
+    assert len(set(scores[0].tolist())) == 3
+    torch.testing.assert_close(judge.preferences(prompts, groups, {})[0],
+                               torch.sigmoid((expected[:, None] - expected[None, :]) / 0.5), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec", ["pairrm", "reward_func:", "reward_func:llmreg.lab.no_such_function"])
 def test_bad_judge_specs_fail_with_the_fix(spec):
     with pytest.raises(ValueError, match="reward_func|Cannot import"):
