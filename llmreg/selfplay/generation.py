@@ -41,11 +41,13 @@ def sample_completions(model, tokenizer, prompts: list, *, num_samples: int, max
             torch.manual_seed(seed * 1_000_003 + start)
             texts = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-                "do_sample": False}
+            # top_k=0: no top-k cut (transformers' default is 50), so at temperature 1 and top_p 1 the samples come
+            # from the policy itself, as the KL estimate and SPPO's win probabilities assume.
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if (
+                temperature > 0) else {"do_sample": False}
             output = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                    top_k=None, **sampling)
+                                    **sampling)
             new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
             for index in range(len(texts)):
                 group = []
