@@ -41,3 +41,23 @@ def test_the_layout_exists():
     root = PACKAGE.parent
     for folder in ("llmreg/losses", "llmreg/lab", "recipes/configs", "accelerate_configs", "benchmarks", "docs"):
         assert (root / folder).is_dir(), folder
+
+
+METHOD_FOLDERS = ("rpg", "rspo", "spin")
+
+
+@pytest.mark.parametrize("path", sorted(p for m in METHOD_FOLDERS for p in (PACKAGE / m).rglob("*.py")), ids=str)
+def test_method_folders_import_nothing_above_them(path):
+    # Imports point down: a trainer never reaches up to the multi-stage loops or the recipe/CLI entry points.
+    modules = imported_modules(path)
+    above = {m for m in modules if m.startswith(("llmreg.selfplay", "llmreg.ftaas", "llmreg.recipe_utils",
+                                                  "llmreg.cli", "recipes"))}
+    other_methods = {m for m in modules if m.startswith("llmreg.") and m.split(".")[1] in METHOD_FOLDERS
+                     and m.split(".")[1] != path.parent.name}
+    assert not above and not other_methods, f"{path.name} imports {sorted(above | other_methods)}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "selfplay").rglob("*.py")), ids=str)
+def test_the_selfplay_loop_does_not_import_entry_points(path):
+    modules = imported_modules(path)
+    assert not {m for m in modules if m.startswith(("llmreg.recipe_utils", "llmreg.cli", "recipes"))}
