@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_recipes import REPO, launch
 
 from llmreg.lab import arithmetic_dataset
+from llmreg.rspo import RSPOConfig
 from llmreg.selfplay import SelfPlayArguments, SelfPlayLoop
 from llmreg.selfplay.judges import PairwiseJudge, RewardFunctionJudge, make_judge, pair_from_preferences
 from llmreg.spin import SPINConfig
@@ -94,6 +95,20 @@ def test_reward_model_judge_scores_prompt_and_completion_with_the_chat_template(
 def test_bad_judge_specs_fail_with_the_fix(spec):
     with pytest.raises(ValueError, match="reward_func|Cannot import"):
         make_judge(spec)
+
+
+def test_a_rerun_with_other_settings_is_refused_but_more_iterations_are_fine(lab_model_dir, tmp_path):
+    def loop(iterations, **overrides):
+        args = RSPOConfig(str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                          **{"regularizers": "reverse_kl=0.05", **overrides})
+        return SelfPlayLoop("rspo", SelfPlayArguments(iterations=iterations), args, str(lab_model_dir),
+                            arithmetic_dataset(4), arithmetic_dataset(4, split="test"))
+
+    loop(2)
+    loop(3)  # extending a finished run
+    with pytest.raises(ValueError, match=r"regularizers: \{'reverse_kl': 0.05\} → \{'reverse_kl': 0.5\}"):
+        loop(2, regularizers="reverse_kl=0.5")
+    assert json.loads((tmp_path / "selfplay_settings.json").read_text())["regularizers"] == {"reverse_kl": 0.05}
 
 
 # --- the loop through the recipes -----------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ from llmreg.trainer_utils import check_dataset_columns, without_zero3
 
 logger = logging.getLogger(__name__)
 
+# The settings that shape a run's artifacts; a rerun into the same output directory must keep them (see
+# ``SelfPlayLoop._check_settings``). ``iterations`` may grow, so that a finished run can be extended.
+TRAINING_SETTINGS = {
+    "rspo": ("beta", "sppo_variant", "regularizers", "is_clip"),
+    "spin": ("beta", "loss_type", "alpha", "opponent_mixture"),
+}
+SHARED_TRAINING_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+                            "gradient_accumulation_steps", "max_length", "seed")
+
 
 @dataclass
 class SelfPlayArguments:
@@ -143,6 +152,36 @@ class SelfPlayLoop:
         self.state = PartialState()
         self.judge = make_judge(loop_args.judge, loop_args.judge_temperature) if self.state.is_main_process else None
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Record the run's settings; refuse a rerun into the same directory with other settings.
+
+        A rerun skips every artifact that exists, so new settings would silently apply to some iterations only.
+        """
+        loop = {key: value for key, value in vars(self.args).items() if key != "iterations"}
+        training = {key: getattr(self.training_args, key)
+                    for key in (*TRAINING_SETTINGS[self.method], *SHARED_TRAINING_SETTINGS)}
+        settings = json.loads(json.dumps({"method": self.method, "base_model": self.base, **loop, **training},
+                                         default=str))
+        path = self.output_dir / "selfplay_settings.json"
+        if path.exists():
+            recorded = json.loads(path.read_text())
+            changed = {key: (recorded.get(key), value) for key, value in settings.items()
+                       if recorded.get(key) != value}
+            if changed:
+                details = ", ".join(f"{key}: {old!r} → {new!r}" for key, (old, new) in changed.items())
+                raise ValueError(
+                    f"{self.output_dir} holds a self-play run with other settings ({details}). A rerun resumes that "
+                    "run and would mix its artifacts with the new settings: pass a new --output_dir, delete this one "
+                    "to start over, or rerun with the recorded settings (see selfplay_settings.json). To continue "
+                    "from one of its iterates with new settings, start a new run from it (--model_name_or_path "
+                    f"{self.output_dir}/iter_<t>/model)."
+                )
+        elif self.state.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomically(path, json.dumps(settings, indent=1))
+        self.state.wait_for_everyone()
 
     # --- paths -------------------------------------------------------------------------------------------------------
     def iteration_dir(self, t: int) -> Path:
