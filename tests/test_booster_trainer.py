@@ -181,3 +181,16 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(lab_model_di
     gaps = [[e["booster/gap"] for e in json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
              if "booster/gap" in e] for run in ("one", "two")]
     assert len(gaps[0]) == 2 and gaps[1] == pytest.approx(gaps[0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_booster_recipe_reports_safety_before_and_after(lab_model_dir, tmp_path):
+    launch("single_process.yaml", REPO / "recipes" / "booster.py", "--max_steps", "4", "--logging_steps", "1",
+           "--output_dir", str(tmp_path))
+    summary = json.loads((tmp_path / "booster_results.json").read_text())
+    baseline = json.loads((lab_model_dir / "lab_info.json").read_text())["baseline_scores"]
+    assert summary["harmful_score_before"] == baseline["harmful_score"]
+    assert summary["refusal_rate_before"] == baseline["refusal_rate"]
+    assert 0.0 <= summary["harmful_score_after"] <= 100.0 and summary["final_harmful_gap"] is not None
+    before, after = load_file(lab_model_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert any(not before[name].equal(after[name]) for name in before)
