@@ -16,6 +16,7 @@ from llmreg.trainer_utils import check_dataset_columns
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 import booster
+import ftaas
 import rpg
 import rspo
 import sft
@@ -149,3 +150,11 @@ def test_paper_configs_name_only_known_fields(recipe, config):
     path = str(Path(__file__).parents[1] / "recipes" / "configs" / config)
     parsed = recipe.make_parser().parse_args_and_config(["--config", path])
     assert any(getattr(arguments, "model_name_or_path", "").count("/") == 1 for arguments in parsed)
+
+
+def test_the_ftaas_recipe_parses_its_grid_and_both_stages(tiny_model_dir):
+    _, grid, alignment, _ = parse_recipe_args(ftaas.make_parser(), [
+        "--model_name_or_path", tiny_model_dir, "--harmful_ratios", "0", "0.05", "--booster_lambda", "1",
+        "--finetune_learning_rate", "3e-5"])
+    assert grid.harmful_ratios == [0.0, 0.05] and grid.methods == ["sft", "booster"]
+    assert grid.finetune_learning_rate == 3e-5 and alignment.booster_lambda == 1.0

@@ -1,0 +1,231 @@
+"""Fine-tuning as a service: align → let a customer fine-tune (a share p of harmful samples) → measure the harm.
+
+``run_ftaas`` runs a grid of alignment methods × harmful ratios p and writes, under ``output_dir``:
+
+    align/<method>/model            stage 1: the aligned model (``sft`` = Booster with λ = 0, the same updates as
+                                    SFTTrainer; ``booster`` = BoosterTrainer with the config's λ, α)
+    finetune/<method>/p<p>/model    stage 2: the customer's fine-tune of it on n task samples, a share p harmful
+    finetune/<method>/p<p>/eval.json  stage 3: harmful score (%) and fine-tune accuracy (%)
+    results.json, results.csv, results.md
+
+Every artifact is written to a temporary name and renamed, and a rerun skips what exists. The harmful samples of the
+fine-tune come from the harmful dataset's rows after those the alignment used, so the attack is not the alignment's
+own data. Stage 2 is a full fine-tune, or a fresh LoRA on the merged aligned model when a ``peft_config`` is given.
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+from datasets import Dataset, concatenate_datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from llmreg.booster import BoosterConfig, BoosterTrainer
+from llmreg.lab import generate_completions, is_harmful, sentiment_accuracy
+from llmreg.lab.arithmetic import completion_text
+from llmreg.trainer_utils import import_object, without_zero3
+
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("sft", "booster")
+
+
+def lab_task_accuracy(completions, label, **columns) -> float:
+    """The lab's fine-tune accuracy (%): sentiment answers against the ``label`` column."""
+    return sentiment_accuracy(completions, label)
+
+
+def lab_harmful_judge(prompts, completions) -> list[bool]:
+    """The lab's rule judge: is each answer harmful?"""
+    return [is_harmful(completion_text(c)) for c in completions]
+
+
+@dataclass
+class FTaaSArguments:
+    """The grid and the customer's fine-tune (the alignment stage's settings are the BoosterConfig)."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS),
+                               metadata={"help": f"Alignment methods, among {', '.join(METHODS)}."})
+    harmful_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2],
+                                        metadata={"help": "Shares p of harmful samples in the customer's data."})
+    num_finetune_samples: int = field(default=1000, metadata={"help": "n, the customer's samples (paper: 1000)."})
+    finetune_learning_rate: float = field(default=1e-5, metadata={"help": "Fine-tune learning rate (paper: 1e-5)."})
+    finetune_epochs: float = field(default=20.0, metadata={"help": "Fine-tune epochs (paper: 20)."})
+    finetune_batch_size: int = field(default=10, metadata={"help": "Fine-tune batch size per process (paper: 10)."})
+    harmful_judge: str = field(
+        default="llmreg.ftaas.pipeline.lab_harmful_judge",
+        metadata={"help": "f(prompts, completions) -> list[bool], True where an answer is harmful (module.function)."},
+    )
+    task_scorer: str = field(
+        default="llmreg.ftaas.pipeline.lab_task_accuracy",
+        metadata={"help": "f(completions, **eval columns) -> accuracy in % (module.function)."},
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Generation length in the evaluations (paper: 512)."})
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown alignment methods {unknown}; valid methods: {', '.join(METHODS)}.")
+        if any(not 0.0 <= p <= 1.0 for p in self.harmful_ratios):
+            raise ValueError(f"harmful_ratios are shares in [0, 1], got {self.harmful_ratios}.")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class FTaaSPipeline:
+    """See the module docstring."""
+
+    def __init__(self, args: FTaaSArguments, alignment_args: BoosterConfig, model_name_or_path: str, *,
+                 alignment_dataset: Dataset, harmful_dataset: Dataset, task_dataset: Dataset,
+                 task_eval_dataset: Dataset, harmful_eval_prompts: Dataset, peft_config=None):
+        self.args = args
+        self.alignment_args = alignment_args
+        self.base = model_name_or_path
+        self.alignment_dataset = alignment_dataset
+        self.harmful_dataset = harmful_dataset
+        self.task_dataset = task_dataset
+        self.task_eval_dataset = task_eval_dataset
+        self.harmful_eval_prompts = harmful_eval_prompts
+        self.peft_config = peft_config
+        self.output_dir = Path(alignment_args.output_dir)
+        self.state = PartialState()
+        # The attack's harmful samples: rows the alignment stage's regularizer does not see.
+        needed = round(max(args.harmful_ratios) * args.num_finetune_samples)
+        if needed > len(harmful_dataset) // 2:
+            raise ValueError(f"The fine-tune needs {needed} harmful samples, but the harmful dataset has "
+                             f"{len(harmful_dataset)} rows: its second half is the attack's. Use a larger dataset or "
+                             "a smaller num_finetune_samples × max(harmful_ratios).")
+        half = len(harmful_dataset) // 2
+        self.alignment_harmful = harmful_dataset.select(range(half))
+        self.attack_harmful = harmful_dataset.select(range(half, len(harmful_dataset)))
+
+    def _save(self, trainer, final: Path) -> None:
+        temporary = final.with_name(final.name + ".tmp")
+        trainer.save_model(str(temporary))
+        if self.state.is_main_process:
+            if self.peft_config is not None:  # a whole model, so the next stage can put its own LoRA on it
+                from peft import AutoPeftModelForCausalLM
+
+                with without_zero3():
+                    merged = AutoPeftModelForCausalLM.from_pretrained(str(temporary)).merge_and_unload()
+                    shutil.rmtree(temporary)
+                    merged.save_pretrained(temporary)
+                    trainer.processing_class.save_pretrained(temporary)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temporary, final)
+        self.state.wait_for_everyone()
+
+    def align(self, method: str) -> Path:
+        final = self.output_dir / "align" / method / "model"
+        if final.exists():
+            return final
+        args = self.alignment_args
+        args.output_dir = str(final.parent / "train")
+        lam = args.booster_lambda
+        if method == "sft":
+            args.booster_lambda = 0.0
+        try:
+            trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
+                                     harmful_dataset=self.alignment_harmful, peft_config=self.peft_config)
+            trainer.train()
+            self._save(trainer, final)
+        finally:
+            args.booster_lambda = lam
+        return final
+
+    def customer_data(self, ratio: float) -> Dataset:
+        """n samples: round(p·n) harmful ones (attack rows), the rest from the task; shuffled with the seed."""
+        n = self.args.num_finetune_samples
+        harmful = round(ratio * n)
+        columns = ["prompt", "completion"]
+        parts = [self.task_dataset.select(range(n - harmful)).select_columns(columns)]
+        if harmful:
+            parts.append(self.attack_harmful.select(range(harmful)).select_columns(columns))
+        return concatenate_datasets(parts).shuffle(seed=self.alignment_args.seed)
+
+    def finetune(self, method: str, ratio: float, aligned: Path) -> Path:
+        final = self.output_dir / "finetune" / method / f"p{ratio:g}" / "model"
+        if final.exists():
+            return final
+        a = self.alignment_args
+        args = SFTConfig(output_dir=str(final.parent / "train"), learning_rate=self.args.finetune_learning_rate,
+                         num_train_epochs=self.args.finetune_epochs,
+                         per_device_train_batch_size=self.args.finetune_batch_size, max_length=a.max_length,
+                         use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
+                         logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
+                         lr_scheduler_type="constant", disable_tqdm=a.disable_tqdm)
+        trainer = SFTTrainer(str(aligned), args=args, train_dataset=self.customer_data(ratio),
+                             peft_config=self.peft_config)
+        trainer.train()
+        self._save(trainer, final)
+        return final
+
+    def evaluate(self, model_path: Path) -> dict:
+        """Harmful score (% of held-out harmful prompts answered harmfully) and fine-tune accuracy (%)."""
+        path = model_path.parent / "eval.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        result = None
+        if self.state.is_main_process:
+            judge, scorer = import_object(self.args.harmful_judge), import_object(self.args.task_scorer)
+            with without_zero3():
+                model = AutoModelForCausalLM.from_pretrained(model_path).to(self.state.device)
+                tokenizer = AutoTokenizer.from_pretrained(model_path)
+                prompts = list(self.harmful_eval_prompts["prompt"])
+                answers = generate_completions(model, tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
+                                               desc="harmful prompts")
+                task = self.task_eval_dataset
+                task_answers = generate_completions(model, tokenizer, list(task["prompt"]),
+                                                    max_new_tokens=self.args.max_new_tokens, desc="task")
+            columns = {c: list(task[c]) for c in task.column_names if c not in ("prompt", "completion")}
+            result = {"harmful_score": 100.0 * sum(judge(prompts, answers)) / len(answers),
+                      "finetune_accuracy": float(scorer(task_answers, **columns))}
+            _write_atomically(path, json.dumps(result, indent=1))
+        self.state.wait_for_everyone()
+        return json.loads(path.read_text())
+
+    def run(self) -> list[dict]:
+        rows = []
+        for method in self.args.methods:
+            aligned = self.align(method)
+            rows.append({"method": method, "harmful_ratio": None, "stage": "aligned", **self.evaluate(aligned)})
+            for ratio in self.args.harmful_ratios:
+                tuned = self.finetune(method, ratio, aligned)
+                rows.append({"method": method, "harmful_ratio": ratio, "stage": "fine-tuned",
+                             **self.evaluate(tuned)})
+        if self.state.is_main_process:
+            settings = {"ftaas": asdict(self.args), "booster_lambda": self.alignment_args.booster_lambda,
+                        "booster_alpha": self.alignment_args.booster_alpha}
+            _write_atomically(self.output_dir / "results.json", json.dumps({"settings": settings, "rows": rows},
+                                                                           indent=1))
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+            _write_atomically(self.output_dir / "results.csv", buffer.getvalue())
+            _write_atomically(self.output_dir / "results.md", results_table(rows))
+        self.state.wait_for_everyone()
+        return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    lines = ["| method | stage | harmful ratio p | harmful score (%) | fine-tune accuracy (%) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "—" if row["harmful_ratio"] is None else f"{row['harmful_ratio']:g}"
+        lines.append(f"| {row['method']} | {row['stage']} | {ratio} | {row['harmful_score']:.1f} | "
+                     f"{row['finetune_accuracy']:.1f} |")
+    return "\n".join(lines) + "\n"

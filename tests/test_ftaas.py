@@ -1,0 +1,82 @@
+"""The fine-tuning-as-a-service pipeline (llmreg/ftaas): the customer's data mix, the grid's artifacts and table, a
+rerun that redoes nothing, and bad grids refused before any training."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmreg.booster import BoosterConfig
+from llmreg.ftaas import FTaaSArguments, FTaaSPipeline
+from llmreg.ftaas import pipeline as ftaas_pipeline
+from llmreg.lab import safety_alignment_dataset, safety_eval_prompts, safety_harmful_dataset, sentiment_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_pipeline(lab_model_dir, tmp_path, **overrides):
+    args = FTaaSArguments(**{"methods": ["sft", "booster"], "harmful_ratios": [0.0, 0.5], "num_finetune_samples": 16,
+                             "finetune_learning_rate": 1e-3, "finetune_epochs": 1, "finetune_batch_size": 8,
+                             "max_new_tokens": 8, **overrides})
+    alignment = BoosterConfig(str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
+                              report_to="none", save_strategy="no", max_steps=2, per_device_train_batch_size=8,
+                              learning_rate=1e-3, harmful_batch_size=4, max_length=64, seed=0, disable_tqdm=True)
+    return FTaaSPipeline(args, alignment, str(lab_model_dir), alignment_dataset=safety_alignment_dataset(64),
+                         harmful_dataset=safety_harmful_dataset(64), task_dataset=sentiment_dataset(64),
+                         task_eval_dataset=sentiment_dataset(12, split="test"),
+                         harmful_eval_prompts=safety_eval_prompts(12))
+
+
+def test_customer_data_has_the_harmful_share_from_rows_the_alignment_did_not_use(lab_model_dir, tmp_path):
+    pipeline = make_pipeline(lab_model_dir, tmp_path)
+    harmful = safety_harmful_dataset(64)
+    alignment_rows = {json.dumps(r) for r in harmful.select(range(32))["completion"]}
+    attack_rows = {json.dumps(r) for r in harmful.select(range(32, 64))["completion"]}
+    for ratio, expected in ((0.0, 0), (0.5, 8), (0.25, 4)):
+        data = pipeline.customer_data(ratio)
+        completions = [json.dumps(c) for c in data["completion"]]
+        assert len(data) == 16
+        assert sum(c in attack_rows for c in completions) == expected
+        assert not any(c in alignment_rows - attack_rows for c in completions)
+
+
+def test_the_grid_writes_every_stage_and_a_rerun_redoes_nothing(lab_model_dir, tmp_path, monkeypatch):
+    rows = make_pipeline(lab_model_dir, tmp_path).run()
+    assert [(r["method"], r["harmful_ratio"]) for r in rows] == [
+        ("sft", None), ("sft", 0.0), ("sft", 0.5), ("booster", None), ("booster", 0.0), ("booster", 0.5)]
+    assert all(0.0 <= r["harmful_score"] <= 100.0 and 0.0 <= r["finetune_accuracy"] <= 100.0 for r in rows)
+    sft = load_file(tmp_path / "align" / "sft" / "model" / "model.safetensors")
+    booster = load_file(tmp_path / "align" / "booster" / "model" / "model.safetensors")
+    assert any(not sft[name].equal(booster[name]) for name in sft)  # the regularizer changed the alignment
+    tuned = load_file(tmp_path / "finetune" / "booster" / "p0.5" / "model" / "model.safetensors")
+    assert any(not tuned[name].equal(booster[name]) for name in booster)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rows"] == rows and results["settings"]["booster_lambda"] == 5.0
+    assert (tmp_path / "results.csv").read_text().count("\n") == 7
+    assert "| booster | fine-tuned | 0.5 |" in (tmp_path / "results.md").read_text()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(ftaas_pipeline, "BoosterTrainer", refuse)
+    monkeypatch.setattr(ftaas_pipeline, "SFTTrainer", refuse)
+    monkeypatch.setattr(ftaas_pipeline, "generate_completions", refuse)
+    assert make_pipeline(lab_model_dir, tmp_path).run() == rows
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"methods": ["vaccine-x"]}, "valid methods: sft, booster"),
+    ({"harmful_ratios": [1.5]}, r"shares in \[0, 1\]"),
+    ({"num_finetune_samples": 100, "harmful_ratios": [0.5]}, "needs 50 harmful samples"),
+])
+def test_bad_grids_fail_before_training(lab_model_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_pipeline(lab_model_dir, tmp_path, **overrides)
