@@ -57,7 +57,8 @@ def test_method_folders_import_nothing_above_them(path):
     assert not above and not other_methods, f"{path.name} imports {sorted(above | other_methods)}"
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "selfplay").rglob("*.py")), ids=str)
-def test_the_selfplay_loop_does_not_import_entry_points(path):
+@pytest.mark.parametrize("path", sorted(p for loop in ("selfplay", "ftaas") for p in (PACKAGE / loop).rglob("*.py")),
+                         ids=str)
+def test_the_multi_stage_loops_do_not_import_entry_points(path):
     modules = imported_modules(path)
     assert not {m for m in modules if m.startswith(("llmreg.recipe_utils", "llmreg.cli", "recipes"))}
