@@ -1,7 +1,7 @@
 """Fine-tuning as a service: align (SFT or Booster), let a customer fine-tune with a share p of harmful samples, then
 measure the harmful score and the fine-tune accuracy, for a grid of methods × p. On the lab by default:
 
-    accelerate launch recipes/ftaas.py
+    accelerate launch recipes/ftaas.py          # the lab: SFT vs Booster at p in {0, 0.05, 0.1, 0.2}, ~3 min on 2 CPUs
     accelerate launch recipes/ftaas.py --harmful_ratios 0 0.05 0.1 0.2 --booster_lambda 1
 
 The alignment stage's settings are BoosterConfig's (`--booster_lambda`, `--learning_rate`, `--max_steps`, ...), the
@@ -38,6 +38,7 @@ def main(script_args: ScriptArguments, ftaas_args: FTaaSArguments, training_args
 
 
 def make_parser():
+    # With no arguments the recipe runs what recipes/configs/ftaas_lab.yaml spells out.
     return make_recipe_parser(
         (ScriptArguments, FTaaSArguments, BoosterConfig, ModelConfig),
         dataset_name="llmreg/safety-alignment",
@@ -46,8 +47,9 @@ def make_parser():
         per_device_train_batch_size=16,
         learning_rate=1e-4,
         max_length=128,
+        harmful_ratios=[0.0, 0.05, 0.1, 0.2],
         num_finetune_samples=400,
-        finetune_learning_rate=1e-4,
+        finetune_learning_rate=5e-5,
         finetune_epochs=2,
         finetune_batch_size=16,
         activation_checkpointing=False,

@@ -117,7 +117,7 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
 
 @pytest.mark.parametrize(("recipe", "config"), [
     (sft, "sft.yaml"), (rpg, "rpg_lab.yaml"), (rspo, "rspo_lab.yaml"), (spin, "spin_lab.yaml"),
-    (booster, "booster_lab.yaml"),
+    (booster, "booster_lab.yaml"), (ftaas, "ftaas_lab.yaml"),
 ])
 def test_no_arguments_run_what_the_shipped_lab_config_spells_out(recipe, config):
     path = str(Path(__file__).parents[1] / "recipes" / "configs" / config)
