@@ -3,10 +3,20 @@ checks for trainers that replace a TRL loss, and importing functions named on th
 
 import importlib
 import os
+import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers.integrations import deepspeed as hf_deepspeed
+
+
+# The dataset formats TRL's SFTTrainer takes (the SFT recipe and BoosterTrainer check them).
+SFT_FORMATS = {
+    "language modeling": ("text",),
+    "conversational": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+}
 
 
 def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: str) -> str:
@@ -90,3 +100,38 @@ def import_object(path: str):
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"Cannot import {path!r} (expected an importable module.name): {error}") from error
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name next to ``path``, then rename: a reader never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def replace_directory(temporary: Path, final: Path) -> None:
+    """Move a finished directory into place, replacing any older one."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+
+
+def save_whole_model(trainer, final: Path, merge_adapter: bool) -> None:
+    """Save the trained model to ``final`` atomically, as a whole model: with ``merge_adapter``, its LoRA adapter is
+    merged into the base first, so that the next stage can load it (or put a fresh adapter on it) like any model.
+
+    Every process must call it (``save_model`` gathers sharded weights); the main process merges and renames.
+    """
+    temporary = final.with_name(final.name + ".tmp")
+    trainer.save_model(str(temporary))
+    if trainer.accelerator.is_main_process:
+        if merge_adapter:
+            from peft import AutoPeftModelForCausalLM
+
+            with without_zero3():
+                merged = AutoPeftModelForCausalLM.from_pretrained(str(temporary)).merge_and_unload()
+                shutil.rmtree(temporary)
+                merged.save_pretrained(temporary)
+                trainer.processing_class.save_pretrained(temporary)
+        replace_directory(temporary, final)
+    trainer.accelerator.wait_for_everyone()

@@ -15,14 +15,7 @@ Any model and dataset TRL's SFTTrainer accepts work too (LoRA with ``--use_peft`
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
-from llmreg.trainer_utils import check_dataset_columns
-
-
-SFT_FORMATS = {
-    "language modeling": ("text",),
-    "conversational": ("messages",),
-    "prompt-completion": ("prompt", "completion"),
-}
+from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:

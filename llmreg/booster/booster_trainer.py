@@ -25,13 +25,10 @@ from trl import SFTTrainer
 
 from llmreg.booster.booster_config import BoosterConfig
 from llmreg.losses.booster import global_norm, perturbation, regularizer_gradient
-from llmreg.trainer_utils import check_dataset_columns
+from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns
 
 
 logger = logging.getLogger(__name__)
-
-SFT_FORMATS = {"prompt-completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
-
 
 class BoosterTrainer(SFTTrainer):
     """SFT with Booster's regularizer on a harmful dataset (https://huggingface.co/papers/2409.01586).

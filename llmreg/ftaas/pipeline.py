@@ -17,8 +17,6 @@ import csv
 import io
 import json
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.lab import generate_completions, is_harmful, sentiment_accuracy
 from llmreg.lab.arithmetic import completion_text
-from llmreg.trainer_utils import import_object, without_zero3
+from llmreg.trainer_utils import import_object, save_whole_model, without_zero3, write_atomically
 
 
 logger = logging.getLogger(__name__)
@@ -78,12 +76,6 @@ class FTaaSArguments:
             raise ValueError(f"harmful_ratios are shares in [0, 1], got {self.harmful_ratios}.")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 class FTaaSPipeline:
     """See the module docstring."""
 
@@ -111,23 +103,6 @@ class FTaaSPipeline:
         self.alignment_harmful = harmful_dataset.select(range(half))
         self.attack_harmful = harmful_dataset.select(range(half, len(harmful_dataset)))
 
-    def _save(self, trainer, final: Path) -> None:
-        temporary = final.with_name(final.name + ".tmp")
-        trainer.save_model(str(temporary))
-        if self.state.is_main_process:
-            if self.peft_config is not None:  # a whole model, so the next stage can put its own LoRA on it
-                from peft import AutoPeftModelForCausalLM
-
-                with without_zero3():
-                    merged = AutoPeftModelForCausalLM.from_pretrained(str(temporary)).merge_and_unload()
-                    shutil.rmtree(temporary)
-                    merged.save_pretrained(temporary)
-                    trainer.processing_class.save_pretrained(temporary)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-        self.state.wait_for_everyone()
-
     def align(self, method: str) -> Path:
         final = self.output_dir / "align" / method / "model"
         if final.exists():
@@ -141,7 +116,7 @@ class FTaaSPipeline:
             trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
                                      harmful_dataset=self.alignment_harmful, peft_config=self.peft_config)
             trainer.train()
-            self._save(trainer, final)
+            save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
         finally:
             args.booster_lambda = lam
         return final
@@ -170,7 +145,7 @@ class FTaaSPipeline:
         trainer = SFTTrainer(str(aligned), args=args, train_dataset=self.customer_data(ratio),
                              peft_config=self.peft_config)
         trainer.train()
-        self._save(trainer, final)
+        save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
         return final
 
     def evaluate(self, model_path: Path) -> dict:
@@ -193,7 +168,7 @@ class FTaaSPipeline:
             columns = {c: list(task[c]) for c in task.column_names if c not in ("prompt", "completion")}
             result = {"harmful_score": 100.0 * sum(judge(prompts, answers)) / len(answers),
                       "finetune_accuracy": float(scorer(task_answers, **columns))}
-            _write_atomically(path, json.dumps(result, indent=1))
+            write_atomically(path, json.dumps(result, indent=1))
         self.state.wait_for_everyone()
         return json.loads(path.read_text())
 
@@ -209,14 +184,14 @@ class FTaaSPipeline:
         if self.state.is_main_process:
             settings = {"ftaas": asdict(self.args), "booster_lambda": self.alignment_args.booster_lambda,
                         "booster_alpha": self.alignment_args.booster_alpha}
-            _write_atomically(self.output_dir / "results.json", json.dumps({"settings": settings, "rows": rows},
+            write_atomically(self.output_dir / "results.json", json.dumps({"settings": settings, "rows": rows},
                                                                            indent=1))
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-            _write_atomically(self.output_dir / "results.csv", buffer.getvalue())
-            _write_atomically(self.output_dir / "results.md", results_table(rows))
+            write_atomically(self.output_dir / "results.csv", buffer.getvalue())
+            write_atomically(self.output_dir / "results.md", results_table(rows))
         self.state.wait_for_everyone()
         return rows
 

@@ -20,7 +20,6 @@ main process judges and writes, and training runs on all ranks with the launch's
 import gc
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,13 @@ from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.selfplay.generation import completion_logps, sample_completions, sample_completions_vllm
 from llmreg.selfplay.judges import make_judge, pair_from_preferences
 from llmreg.spin import SPINConfig, SPINTrainer
-from llmreg.trainer_utils import check_dataset_columns, without_zero3
+from llmreg.trainer_utils import (
+    check_dataset_columns,
+    replace_directory,
+    save_whole_model,
+    without_zero3,
+    write_atomically,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -89,18 +94,6 @@ class SelfPlayArguments:
     def __post_init__(self):
         if self.iterations < 1 or self.num_samples < 1 or self.history < 1:
             raise ValueError("iterations, num_samples and history must be >= 1.")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def _replace_directory(temporary: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
 
 
 def last_complete_checkpoint(directory: Path) -> str | None:
@@ -180,7 +173,7 @@ class SelfPlayLoop:
                 )
         elif self.state.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, json.dumps(settings, indent=1))
+            write_atomically(path, json.dumps(settings, indent=1))
         self.state.wait_for_everyone()
 
     # --- paths -------------------------------------------------------------------------------------------------------
@@ -228,7 +221,7 @@ class SelfPlayLoop:
             samples = self._generate(model_path, prompts, num_samples, temperature, seed, desc)
             if self.state.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomically(path, "".join(json.dumps(group) + "\n" for group in samples))
+                write_atomically(path, "".join(json.dumps(group) + "\n" for group in samples))
             self.state.wait_for_everyone()
         return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -277,7 +270,7 @@ class SelfPlayLoop:
             temporary = directory / "dataset.tmp"
             shutil.rmtree(temporary, ignore_errors=True)
             Dataset.from_dict(data).save_to_disk(temporary)
-            _replace_directory(temporary, dataset_dir)
+            replace_directory(temporary, dataset_dir)
         self.state.wait_for_everyone()
         return dataset_dir
 
@@ -303,19 +296,8 @@ class SelfPlayLoop:
         trainer = trainer_class(self.model_path(t), args=args, train_dataset=dataset,
                                 processing_class=self.tokenizer, peft_config=self.peft_config)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(Path(args.output_dir)))
-        temporary = directory / "model.tmp"
-        trainer.save_model(str(temporary))
-        if self.state.is_main_process:
-            if self.peft_config is not None:  # π_{t+1} is a whole model: merge the adapter into π_t
-                from peft import AutoPeftModelForCausalLM
-
-                with without_zero3():
-                    merged = AutoPeftModelForCausalLM.from_pretrained(str(temporary)).merge_and_unload()
-                    shutil.rmtree(temporary)
-                    merged.save_pretrained(temporary)
-                    self.tokenizer.save_pretrained(temporary)
-            _replace_directory(temporary, directory / "model")
-        self.state.wait_for_everyone()
+        # π_{t+1} is a whole model (a LoRA adapter merged into π_t), so the next iteration starts from it.
+        save_whole_model(trainer, directory / "model", merge_adapter=self.peft_config is not None)
         del trainer
         gc.collect()
 
@@ -353,7 +335,7 @@ class SelfPlayLoop:
             if self.judge.scores is not None:
                 scores = self.judge.scores(prompts, [[text] for text in texts], columns)
                 result["score"] = scores.mean().item()
-            _write_atomically(path, json.dumps(result, indent=1))
+            write_atomically(path, json.dumps(result, indent=1))
         return gather_object([result])[0]  # the main process's
 
     def run(self, report=None) -> list[dict]:
@@ -371,8 +353,8 @@ class SelfPlayLoop:
             if report is not None and self.state.is_main_process:
                 report(results[-1])
         if self.state.is_main_process:
-            _write_atomically(self.output_dir / "summary.json", json.dumps(results, indent=1))
-            _write_atomically(self.output_dir / "summary.md", summary_table(results))
+            write_atomically(self.output_dir / "summary.json", json.dumps(results, indent=1))
+            write_atomically(self.output_dir / "summary.md", summary_table(results))
         self.state.wait_for_everyone()
         return results
 

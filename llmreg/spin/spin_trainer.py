@@ -61,8 +61,8 @@ class SPINTrainer(PrecomputedColumnsDPOTrainer):
         for prefix, path in zip(self.history_prefixes, args.history_models):
             self.with_logps_columns(path, prefix)
 
-    def _opponent_logps(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        iter_chosen, iter_rejected = self.iterate_logps(inputs)
+    def _opponent_logps(self, inputs: dict, iter_chosen: torch.Tensor,
+                        iter_rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.history_prefixes:
             return iter_chosen, iter_rejected
         chosen = torch.stack([iter_chosen, *(inputs[f"{p}_chosen_logps"] for p in self.history_prefixes)])
@@ -75,10 +75,12 @@ class SPINTrainer(PrecomputedColumnsDPOTrainer):
         mode = "train" if self.model.training else "eval"
         logps, outputs = self.policy_sequence_logps(model, inputs)
         real_logps, generated_logps = logps.chunk(2)
-        opp_real, opp_generated = self._opponent_logps(inputs)
+        # π_t's log-probs once (a reference forward pass when they are not precomputed).
+        iter_real, iter_generated = self.iterate_logps(inputs)
+        opp_real, opp_generated = self._opponent_logps(inputs, iter_real, iter_generated)
         base_real = base_generated = None
         if args.alpha > 0.0:
-            base_real, base_generated = self.base_logps(inputs, *self.iterate_logps(inputs))
+            base_real, base_generated = self.base_logps(inputs, iter_real, iter_generated)
         per_pair = spin_loss(real_logps, generated_logps, opp_real, opp_generated, beta=args.beta,
                              loss=args.loss_type[0], base_real=base_real, base_gen=base_generated, alpha=args.alpha)
         loss = per_pair.mean()
