@@ -40,6 +40,7 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()  # the main process may still be writing
     trainer.end()
 
 

@@ -24,4 +24,5 @@ if __name__ == "__main__":
     trainer.train()
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
+    trainer.accelerator.wait_for_everyone()  # the main process may still be writing
     trainer.end()

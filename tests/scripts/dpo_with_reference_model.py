@@ -26,4 +26,7 @@ if __name__ == "__main__":
     trainer = DPOTrainer(model=policy, args=training_args, train_dataset=pairs)
     trainer.train()
     trainer.save_state()
-    trainer.end()  # tears the process group down before exit, as the recipes do: an abrupt exit can abort a rank
+    # Every rank waits for the others before the process group goes: a rank that tore it down while the main process
+    # was still saving aborted at exit ("terminate called without an active exception").
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()
