@@ -3,6 +3,7 @@ the gradient it adds equals λ(∇h(w) − ∇h(w̃)) computed by hand, the para
 SFTTrainer, and gradient accumulation does not change the update."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,21 +91,32 @@ def test_added_gradient_is_lambda_times_the_harmful_gradient_difference(lab_mode
     perturbed = torch.autograd.grad(twin(**inputs).loss, params)
     expected = [3.0 * (g - gt) for g, gt in zip(grads, perturbed)]
 
-    existing = [torch.full_like(p, 0.5) for p in model.parameters()]  # gradient already accumulated this step
-    for p, e in zip(model.parameters(), existing):
-        p.grad = e.clone()
     model.train()
-    trainer._add_booster_gradient(model)
+    params, extras = trainer._booster_gradient(model)
 
-    for (name, p), e, extra in zip(model.named_parameters(), existing, expected):
+    assert params == [p for p in model.parameters() if p.requires_grad]
+    for (name, p), extra, hand in zip(model.named_parameters(), extras, expected):
         assert torch.equal(p.detach(), before[name]), f"{name} was not restored bit for bit"
-        torch.testing.assert_close(p.grad, e + extra, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(extra, hand, rtol=1e-4, atol=1e-6)
     assert any(extra.abs().max() > 1e-4 for extra in expected)
     metrics = trainer._metrics["train"]
     assert metrics["booster/gap"][-1] == pytest.approx(
         metrics["booster/harmful_loss"][-1] - metrics["booster/harmful_loss_perturbed"][-1])
     assert metrics["booster/gap"][-1] > 0  # a step along the harmful gradient lowers the harmful loss
     assert metrics["booster/harmful_grad_norm"][-1] == pytest.approx(norm.item(), rel=1e-5)
+
+    # training_step adds exactly that gradient to the alignment loss's, once, in the step's backward.
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop
+    grads = {}
+    for lam in (3.0, 0.0):
+        trainer.args.booster_lambda = lam
+        trainer._harmful_batches = iter([batch])
+        model.zero_grad(set_to_none=True)
+        trainer.training_step(model, inputs)
+        grads[lam] = [p.grad.clone() for p in params]
+    for with_booster, without, extra in zip(grads[3.0], grads[0.0], extras):
+        torch.testing.assert_close(with_booster - without, extra, rtol=1e-4, atol=1e-6)
 
 
 def test_lambda_zero_is_sft(lab_model_dir, tmp_path):
@@ -117,11 +129,14 @@ def test_lambda_zero_is_sft(lab_model_dir, tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path):
+@pytest.mark.parametrize("vaccine_rho", [0.0, 2.0])
+def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, vaccine_rho):
+    # Booster's direction is computed once per step; Vaccine's ε is normalized over the step's micro-batches.
     updates = []
     for batch, accumulation in ((8, 1), (2, 4)):
         args = booster_config(tmp_path / str(batch), per_device_train_batch_size=batch,
-                              gradient_accumulation_steps=accumulation, optim="sgd", max_grad_norm=0.0)
+                              gradient_accumulation_steps=accumulation, optim="sgd", max_grad_norm=0.0,
+                              vaccine_rho=vaccine_rho)
         trainer = make_trainer(lab_model_dir, args)
         before = parameters(trainer)
         trainer.train()
@@ -145,13 +160,72 @@ def test_the_regularizer_changes_the_update_and_is_logged(lab_model_dir, tmp_pat
     assert any(differs)
 
 
+@pytest.mark.parametrize(("accumulation", "lam", "rho", "forwards"), [
+    (1, 5.0, 0.0, 3),   # Booster: h(w), h(w̃), f(w)
+    (4, 5.0, 0.0, 6),   # the harmful passes once per step, f per micro-batch
+    (1, 0.0, 2.0, 2),   # Vaccine: f(w) for the hidden gradient, f with perturbed hidden states
+    (1, 5.0, 2.0, 4),
+    (4, 5.0, 2.0, 10),
+])
+def test_forward_passes_per_step(lab_model_dir, tmp_path, accumulation, lam, rho, forwards):
+    args = booster_config(tmp_path, per_device_train_batch_size=8 // accumulation,
+                          gradient_accumulation_steps=accumulation, booster_lambda=lam, vaccine_rho=rho)
+    trainer = make_trainer(lab_model_dir, args)
+    count = []
+    trainer.model.model.register_forward_pre_hook(lambda module, inputs: count.append(1))
+    trainer.train()
+    assert trainer.state.global_step == 1 and len(count) == forwards
+
+
+# --- Vaccine ---------------------------------------------------------------------------------------------------------
+
+def test_vaccine_moves_hidden_states_by_rho_along_the_normalized_hidden_gradient(lab_model_dir, tmp_path):
+    trainer = make_trainer(lab_model_dir, booster_config(tmp_path, booster_lambda=0.0, vaccine_rho=2.0))
+    model = trainer.model
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    trainer.training_step(model, inputs)
+    got = [p.grad for p in model.parameters()]
+
+    # By hand on a twin: ε_l = ρ·∂f/∂e_l / ‖∂f/∂e‖ (norm over all layers), then ∇f with e_l + ε_l.
+    twin = AutoModelForCausalLM.from_pretrained(lab_model_dir)
+    batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+    outputs = []
+    handles = [layer.register_forward_hook(lambda m, a, out: outputs.append(out)) for layer in twin.model.layers]
+    loss = twin(**batch).loss
+    for handle in handles:
+        handle.remove()
+    hidden_grads = torch.autograd.grad(loss, outputs)
+    norm = torch.sqrt(sum(g.square().sum() for g in hidden_grads))
+    for layer, g in zip(twin.model.layers, hidden_grads):
+        layer.register_forward_hook(lambda m, a, out, eps=2.0 * g / norm: out + eps)
+    expected = torch.autograd.grad(twin(**batch).loss, list(twin.parameters()))
+    plain = AutoModelForCausalLM.from_pretrained(lab_model_dir)
+    unperturbed = torch.autograd.grad(plain(**batch).loss, list(plain.parameters()))
+
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    assert max((e - u).abs().max() for e, u in zip(expected, unperturbed)) > 1e-4
+    metrics = trainer._metrics["train"]
+    assert metrics["vaccine/hidden_grad_norm"][-1] == pytest.approx(norm.item(), rel=1e-5)
+    assert metrics["vaccine/loss_unperturbed"][-1] == pytest.approx(loss.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"booster_lambda": -1.0}, "booster_lambda and booster_alpha must be >= 0"),
+    ({"booster_lambda": -1.0}, "booster_lambda, booster_alpha and vaccine_rho must be >= 0"),
+    ({"vaccine_rho": -2.0}, "booster_lambda, booster_alpha and vaccine_rho must be >= 0"),
     ({"harmful_batch_size": 0}, "harmful_batch_size must be >= 1"),
 ])
 def test_bad_configurations_fail_with_the_fix(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         booster_config(tmp_path, **overrides)
+
+
+def test_fsdp_is_refused_with_the_reason_and_the_alternative(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match="does not support FSDP.*DTensors.*deepspeed_zero3.yaml"):
+        booster_config(tmp_path)
 
 
 def test_a_harmful_dataset_is_required_and_checked(lab_model_dir, tmp_path):
@@ -162,25 +236,57 @@ def test_a_harmful_dataset_is_required_and_checked(lab_model_dir, tmp_path):
                        harmful_dataset=safety_harmful_dataset().rename_column("completion", "answer"))
 
 
+STEP_SCRIPT = REPO / "tests" / "scripts" / "booster_step.py"
+LORA = ("--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules", "q_proj",
+        "v_proj")
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """One process with 8 alignment and 4 harmful rows per step, Booster + Vaccine, full and LoRA; launched once."""
+    runs = {}
+
+    def run(lora: bool) -> Path:
+        if lora not in runs:
+            runs[lora] = tmp_path_factory.mktemp("one-lora" if lora else "one")
+            launch("single_process.yaml", STEP_SCRIPT, "--output_dir", str(runs[lora]),
+                   "--per_device_train_batch_size", "8", "--harmful_batch_size", "4", "--vaccine_rho", "2",
+                   *(LORA if lora else ()))
+        return runs[lora]
+
+    return run
+
+
+def trained_weights(directory: Path, lora: bool) -> dict:
+    return load_file(directory / ("adapter_model.safetensors" if lora else "model.safetensors"))
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_equal_one_process_on_the_same_global_batches(lab_model_dir, tmp_path):
+@pytest.mark.parametrize(("config", "lora"), [("multi_process.yaml", False), ("deepspeed_zero2.yaml", False),
+                                              ("deepspeed_zero3.yaml", False), ("deepspeed_zero3.yaml", True)])
+def test_two_processes_equal_one_process_on_the_same_global_batches(lab_model_dir, tmp_path, one_process_runs,
+                                                                     config, lora):
     # 2 processes x (4 alignment, 2 harmful rows) and 1 process x (8, 4) see the same rows per step: accelerate hands
-    # consecutive batches of the same sampler to the ranks. The harmful direction is normalized over both ranks'
-    # harmful rows and the harmful loss is their global token mean, so the updates match.
-    script = REPO / "tests" / "scripts" / "booster_step.py"
-    launch("single_process.yaml", script, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8",
-           "--harmful_batch_size", "4")
-    launch("multi_process.yaml", script, "--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "4",
-           "--harmful_batch_size", "2")
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    before = load_file(lab_model_dir / "model.safetensors")
-    assert any(not one[name].equal(before[name]) for name in before)
-    for name in before:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
-    gaps = [[e["booster/gap"] for e in json.loads((tmp_path / run / "trainer_state.json").read_text())["log_history"]
-             if "booster/gap" in e] for run in ("one", "two")]
-    assert len(gaps[0]) == 2 and gaps[1] == pytest.approx(gaps[0], rel=1e-4)
+    # consecutive batches of the same sampler to the ranks. Booster's harmful direction is normalized over both ranks'
+    # harmful rows, Vaccine's over both ranks' hidden gradients, and the losses are global token means, so the
+    # updates match — under DDP, and under DeepSpeed, whose ZeRO-3 shards the parameters Booster moves to w̃.
+    one = one_process_runs(lora)
+    launch(config, STEP_SCRIPT, "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4",
+           "--harmful_batch_size", "2", "--vaccine_rho", "2", *(LORA if lora else ()))
+    expected, got = trained_weights(one, lora), trained_weights(tmp_path, lora)
+    if lora:
+        assert any("lora_B" in name and value.abs().max() > 1e-4 for name, value in expected.items())
+    else:
+        before = load_file(lab_model_dir / "model.safetensors")
+        assert any(not expected[name].equal(before[name]) for name in before)
+    assert set(expected) <= set(got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    logs = [[e[key] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "booster/gap" in e
+             for key in ("booster/gap", "vaccine/hidden_grad_norm")] for run in (one, tmp_path)]
+    assert len(logs[0]) == 4 and logs[1] == pytest.approx(logs[0], rel=1e-4)  # metrics of both ranks, not rank 0's
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Configuration of the Booster trainer: TRL's SFTConfig plus the harmful-perturbation regularizer."""
 
+import os
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -25,6 +26,13 @@ class BoosterConfig(SFTConfig):
         optimizer step, whatever the gradient accumulation, and normalized over the harmful batch of all processes.
     booster_epsilon (`float`, *optional*, defaults to `1e-7`):
         ε added to ‖∇h‖ (code: 1e-7).
+
+    > Vaccine (Huang et al. 2024, https://huggingface.co/papers/2402.01109), composable with Booster
+
+    vaccine_rho (`float`, *optional*, defaults to `0.0`):
+        ρ, the norm of Vaccine's perturbation of the decoder layers' hidden states during the alignment loss's pass
+        (Vaccine README: 2; Booster's scripts: 5). 0 turns Vaccine off. With booster_lambda 0 it is Vaccine alone,
+        otherwise Booster + Vaccine (the paper's `perturb_aware`).
     """
 
     booster_lambda: float = field(default=5.0, metadata={"help": "λ, weight of the regularizer (paper: 5)."})
@@ -35,19 +43,25 @@ class BoosterConfig(SFTConfig):
         default=10, metadata={"help": "Harmful examples per optimizer step and process (paper code: 10)."}
     )
     booster_epsilon: float = field(default=1e-7, metadata={"help": "ε added to the harmful gradient's norm."})
+    vaccine_rho: float = field(
+        default=0.0,
+        metadata={"help": "ρ of Vaccine's hidden-state perturbation of the alignment pass (Vaccine: 2; 0 = off). "
+                          "Composes with Booster."},
+    )
 
     def __post_init__(self):
         # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
         init_deepspeed_distributed_on_cpu()
         super().__post_init__()
-        if self.booster_lambda < 0 or self.booster_alpha < 0:
-            raise ValueError(f"booster_lambda and booster_alpha must be >= 0, got {self.booster_lambda} and "
-                             f"{self.booster_alpha}.")
+        if self.booster_lambda < 0 or self.booster_alpha < 0 or self.vaccine_rho < 0:
+            raise ValueError(f"booster_lambda, booster_alpha and vaccine_rho must be >= 0, got {self.booster_lambda}, "
+                             f"{self.booster_alpha} and {self.vaccine_rho}.")
         if self.harmful_batch_size < 1:
             raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}.")
-        if self.deepspeed or self.fsdp:
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise ValueError(
-                "BoosterTrainer does not support DeepSpeed or FSDP yet: it perturbs the trainable parameters in place "
-                "and adds its gradient to .grad, which DeepSpeed manages in its own buffers and ZeRO-3/FSDP shard. "
-                "Use one process or DDP (accelerate_configs/multi_process.yaml); with LoRA, DDP fits large models."
+                "BoosterTrainer does not support FSDP: it moves the trainable parameters to w̃ and back between "
+                "passes, and FSDP2 keeps them as sharded DTensors that its forward unshards into other tensors, so "
+                "that move would need FSDP's internal unshard/reshard. Use DeepSpeed ZeRO-3 "
+                "(accelerate_configs/deepspeed_zero3.yaml), ZeRO-2 or DDP instead."
             )

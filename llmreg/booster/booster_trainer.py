@@ -16,10 +16,13 @@ The reference code zeroes ``.grad`` between these passes, which is right only wi
 restores the weights by adding the step back, which drifts in bf16.
 """
 
+import contextlib
 import logging
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
+from peft import PeftModel
 from torch.utils.data import DataLoader, RandomSampler
 from trl import SFTTrainer
 
@@ -60,6 +63,10 @@ class BoosterTrainer(SFTTrainer):
                                                      formatting_func=None, dataset_name="harmful")
         self._harmful_batches = None
         self._harmful_epoch = 0
+        self._vaccine_pending = None  # (the step's micro-batches, their token count), set by get_batch_samples
+        self._vaccine_queue: list[list[torch.Tensor]] = []  # ε per remaining micro-batch of the step
+        if args.vaccine_rho > 0:
+            decoder_layers(self.accelerator.unwrap_model(self.model))  # refuse a model without layers before training
 
     def _next_harmful_batch(self) -> dict:
         """The next harmful batch of this process, from a seeded, reshuffled-each-pass, sharded dataloader."""
@@ -78,43 +85,71 @@ class BoosterTrainer(SFTTrainer):
             self._harmful_batches = None
             return self._next_harmful_batch()
 
-    def _harmful_loss(self, model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
-        """This process's share of h: the summed cross-entropy of its harmful answer tokens / ``num_items``, the
-        number of answer tokens in the harmful batch of all processes. Summed over processes, h is the token mean of
-        the global harmful batch, as SFT's loss is of the global batch."""
+    def _lm_loss(self, model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
+        """This process's share of a token-mean loss: the summed cross-entropy of the batch's answer tokens /
+        ``num_items``, the number of answer tokens over all processes (and micro-batches). Summed over them, it is the
+        token mean of the global batch, as SFT's loss is."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "position_ids")}
         with self.compute_loss_context_manager():
             return model(**inputs, use_cache=False, num_items_in_batch=num_items).loss
 
-    def _add_booster_gradient(self, model) -> None:
+    def _sum_over_processes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.accelerator.num_processes == 1:
+            return tensors
+        flat = self.accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="sum")
+        return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def _is_zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``torch.autograd.grad``: the gradients are returned, ``.grad`` (and DeepSpeed's buffers) untouched."""
+        grads = list(torch.autograd.grad(loss, inputs))
+        if self._is_zero3():
+            # ZeRO-3 releases the parameters it gathered for a backward in its gradient hooks, which this backward
+            # does not run (nothing is accumulated): release them, as DeepSpeed does after a backward.
+            self.model_wrapped.empty_partition_cache()
+        return grads
+
+    @contextmanager
+    def _moved_to(self, params: list[torch.nn.Parameter], steps: list[torch.Tensor]):
+        """Move ``params`` to w + step for the duration of the block, then copy the saved w back, bit for bit. Under
+        ZeRO-3 the parameters are gathered for the move and the copy back (every process holds the same steps)."""
+        gathered = contextlib.nullcontext
+        if self._is_zero3():
+            import deepspeed
+
+            def gathered():
+                return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+        with gathered(), torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            for p, step in zip(params, steps):
+                p.add_(step)
+        try:
+            yield
+        finally:
+            with gathered(), torch.no_grad():
+                for p, copy in zip(params, saved):
+                    p.copy_(copy)
+
+    def _booster_gradient(self, model) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+        """λ·(∇h(w) − ∇h(w̃)) for this process, to be added to the gradient of the step's last micro-batch: every
+        process adds λ·(g − R·g̃_r), g of the global harmful batch and g̃_r its own share of ∇h(w̃), so that the
+        average over the R processes (DDP's, DeepSpeed's) is λ·(∇h(w) − ∇h(w̃)) of the global harmful batch."""
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: these passes are not the step's backward
         params = [p for p in unwrapped.parameters() if p.requires_grad]
         batch = self._next_harmful_batch()
-
         processes = self.accelerator.num_processes
         num_items = self.accelerator.reduce((batch["labels"][:, 1:] != -100).sum(), reduction="sum")
-        harmful_loss = self._harmful_loss(unwrapped, batch, num_items)
-        grads = list(torch.autograd.grad(harmful_loss, params))
-        if processes > 1:  # ∇h of the global harmful batch: the direction is normalized over all processes
-            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
-            grads = [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, step in zip(params, perturbation(grads, args.booster_alpha, args.booster_epsilon)):
-                p.add_(step)
-        perturbed_loss = self._harmful_loss(unwrapped, batch, num_items)
-        # This process's share of ∇h(w̃), times the number of processes: DDP averages .grad over them, which turns
-        # λ(g − R·g̃_r) into λ(∇h(w) − ∇h(w̃)) of the global harmful batch.
-        perturbed_grads = [processes * g for g in torch.autograd.grad(perturbed_loss, params)]
-        with torch.no_grad():
-            for p, copy in zip(params, saved):
-                p.copy_(copy)
-            for p, extra in zip(params, regularizer_gradient(grads, perturbed_grads, args.booster_lambda)):
-                if p.grad is None:
-                    p.grad = extra.detach().clone()
-                else:
-                    p.grad.add_(extra)
+
+        harmful_loss = self._lm_loss(unwrapped, batch, num_items)
+        grads = self._sum_over_processes(self._grad(harmful_loss, params))
+        with self._moved_to(params, perturbation(grads, args.booster_alpha, args.booster_epsilon)):
+            perturbed_loss = self._lm_loss(unwrapped, batch, num_items)
+            perturbed_grads = [processes * g for g in self._grad(perturbed_loss, params)]
+        extras = regularizer_gradient(grads, perturbed_grads, args.booster_lambda)
 
         values = self.accelerator.reduce(torch.stack([harmful_loss.detach(), perturbed_loss.detach()]).float(),
                                          reduction="sum")
@@ -123,11 +158,118 @@ class BoosterTrainer(SFTTrainer):
         metrics["booster/harmful_loss_perturbed"].append(values[1].item())
         metrics["booster/gap"].append((values[0] - values[1]).item())
         metrics["booster/harmful_grad_norm"].append(global_norm(grads).item())
+        return params, extras
+
+    # --- Vaccine -----------------------------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # Vaccine normalizes its perturbation over the whole optimizer step (every micro-batch, every process), so
+        # it needs the step's micro-batches before the first one trains; the Trainer fetches them all here.
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.vaccine_rho > 0:
+            self._vaccine_pending = (batch_samples, num_items_in_batch)
+        return batch_samples, num_items_in_batch
+
+    def _vaccine_perturbations(self, model, batch_samples: list, num_items) -> list[list[torch.Tensor]]:
+        """Vaccine's ε for each micro-batch of the step: ε_l = ρ·∂f/∂e_l / ‖∂f/∂e‖ at every decoder layer's output
+        e_l, the norm over all layers, micro-batches and processes (a constant: no gradient flows through it)."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        layers = decoder_layers(unwrapped)
+        per_batch, squares, losses = [], torch.zeros((), dtype=torch.float64), []
+        outputs = []
+        handles = [layer.register_forward_hook(lambda module, args, out: outputs.append(hidden(out)))
+                   for layer in layers]
+        try:
+            for batch in batch_samples:
+                outputs.clear()
+                loss = self._lm_loss(unwrapped, self._prepare_inputs(batch), num_items)
+                grads = self._grad(loss, outputs[:len(layers)])
+                squares = squares + sum(g.detach().double().square().sum() for g in grads).cpu()
+                per_batch.append([g.detach() for g in grads])
+                losses.append(loss.detach().float())
+        finally:
+            for handle in handles:
+                handle.remove()
+        squares = self.accelerator.reduce(squares.to(self.accelerator.device), reduction="sum")
+        norm = squares.sqrt()
+        scale = self.args.vaccine_rho / (norm + self.args.booster_epsilon)
+        metrics = self._metrics["train"]
+        loss = self.accelerator.reduce(torch.stack(losses).sum(), reduction="sum")
+        metrics["vaccine/loss_unperturbed"].append(loss.item())
+        metrics["vaccine/hidden_grad_norm"].append(norm.item())
+        return [[(scale * g.double()).to(g.dtype) for g in grads] for grads in per_batch]
+
+    @contextmanager
+    def _hidden_states_perturbed(self, model, perturbations: list[torch.Tensor]):
+        """Add ε_l to the output of decoder layer l in the forwards of the block."""
+        layers = decoder_layers(self.accelerator.unwrap_model(model))
+
+        def hook(index):
+            def add(module, args, out):
+                if isinstance(out, tuple):
+                    return (out[0] + perturbations[index], *out[1:])
+                return out + perturbations[index]
+            return add
+
+        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # --- the step ----------------------------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # The parameters are the same for every micro-batch of an optimizer step, so the regularizer's gradient is
-        # computed once, at the last one, before its backward (DDP averages .grad in that backward).
+        model.train()
+        hidden_perturbation = contextlib.nullcontext()
+        if self.args.vaccine_rho > 0:
+            if self._vaccine_pending is None and not self._vaccine_queue:  # called outside Trainer's loop
+                self._vaccine_pending = ([inputs], num_items_in_batch)
+            if self._vaccine_pending is not None:  # the step's first micro-batch: ε for all of them at once
+                batch_samples, num_items = self._vaccine_pending
+                self._vaccine_queue = self._vaccine_perturbations(model, batch_samples, num_items)
+                self._vaccine_pending = None
+            hidden_perturbation = self._hidden_states_perturbed(model, self._vaccine_queue.pop(0))
+        # The parameters are the same for every micro-batch of an optimizer step, so Booster's gradient is computed
+        # once, at the last one (where DDP and DeepSpeed reduce), and enters that micro-batch's backward through
+        # gradient hooks: it reaches .grad the way the loss's gradient does, whoever owns .grad (DDP, ZeRO-2/3).
+        handles = []
         if self.args.booster_lambda > 0 and self.accelerator.sync_gradients:
-            model.train()
-            self._add_booster_gradient(model)
-        return super().training_step(model, inputs, num_items_in_batch)
+            params, extras = self._booster_gradient(model)
+            pending = dict(enumerate(extras))
+
+            def add_once(index):
+                def hook(grad):
+                    extra = pending.pop(index, None)  # once: a re-entrant checkpoint may fire it again
+                    return grad if extra is None else grad + extra.to(grad.dtype)
+                return hook
+
+            handles = [p.register_hook(add_once(i)) for i, p in enumerate(params)]
+        try:
+            with hidden_perturbation:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if handles and pending:
+            names = [n for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+            raise RuntimeError(f"Booster's gradient could not be added to {[names[i] for i in pending]}: the "
+                               "alignment loss does not reach them, so no gradient flows into them in its backward. "
+                               "Freeze those parameters (requires_grad=False).")
+        return loss
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers whose outputs Vaccine perturbs (a PEFT model's base model's)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"Vaccine perturbs the outputs of the decoder layers, but {type(base).__name__}'s decoder "
+                         "has no `layers` ModuleList; it supports the transformers decoder-only models.")
+    return layers
+
+
+def hidden(output):
+    """A decoder layer's hidden-state output (some models return a tuple with it first)."""
+    return output[0] if isinstance(output, tuple) else output
