@@ -80,3 +80,43 @@ def test_the_grid_writes_every_stage_and_a_rerun_redoes_nothing(lab_model_dir, t
 def test_bad_grids_fail_before_training(lab_model_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make_pipeline(lab_model_dir, tmp_path, **overrides)
+
+
+def test_with_lora_booster_continues_its_alignment_adapter_and_sft_gets_a_fresh_one(lab_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    from peft import LoraConfig, PeftModel
+    from safetensors.torch import load_file as load_adapter
+
+    received = {}
+
+    class RecordingSFTTrainer(ftaas_pipeline.SFTTrainer):
+        def __init__(self, model, args=None, **kwargs):
+            method = "booster" if "/booster/" in args.output_dir else "sft"
+            if isinstance(model, PeftModel):
+                received[method] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+                assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+            else:
+                received[method] = kwargs["peft_config"]
+            super().__init__(model, args=args, **kwargs)
+
+    monkeypatch.setattr(ftaas_pipeline, "SFTTrainer", RecordingSFTTrainer)
+    pipeline = make_pipeline(lab_model_dir, tmp_path, harmful_ratios=[0.5])
+    pipeline.peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pipeline.run()
+
+    assert isinstance(received["sft"], LoraConfig)  # fresh adapter on the merged SFT-aligned model
+    saved = load_adapter(tmp_path / "align" / "booster" / "adapter" / "adapter_model.safetensors")
+    continued = received["booster"]
+    assert len(continued) == len(saved) > 0
+    for name, value in saved.items():  # the fine-tune starts from the alignment adapter's trained weights
+        match = [v for n, v in continued.items() if n.replace(".default", "").endswith(name.split("base_model.")[-1])]
+        assert len(match) == 1 and match[0].equal(value), name
+    assert any("lora_B" in name and value.abs().sum() > 0 for name, value in saved.items())
+    tuned = load_file(tmp_path / "finetune" / "booster" / "p0.5" / "model" / "model.safetensors")
+    aligned = load_file(tmp_path / "align" / "booster" / "model" / "model.safetensors")
+    assert any(not tuned[name].equal(aligned[name]) for name in aligned)
+
+
+def test_an_unknown_adapter_choice_is_refused():
+    with pytest.raises(ValueError, match="valid choices: paper, fresh, continue"):
+        FTaaSArguments(finetune_adapter="merge")

@@ -1,18 +1,23 @@
 """Fine-tuning as a service: align → let a customer fine-tune (a share p of harmful samples) → measure the harm.
 
-``run_ftaas`` runs a grid of alignment methods × harmful ratios p and writes, under ``output_dir``:
+``FTaaSPipeline.run`` runs a grid of alignment methods × harmful ratios p and writes, under ``output_dir``:
 
     align/<method>/model            stage 1: the aligned model (``sft`` = Booster with λ = 0, the same updates as
-                                    SFTTrainer; ``booster`` = BoosterTrainer with the config's λ, α)
+                                    SFTTrainer; ``booster`` = BoosterTrainer with the config's λ, α), merged
+    align/<method>/log_history.json the alignment's logged metrics (loss; for Booster its harmful losses and gap)
+    align/<method>/adapter          with LoRA, the alignment adapter itself (for a fine-tune that continues it)
     finetune/<method>/p<p>/model    stage 2: the customer's fine-tune of it on n task samples, a share p harmful
     finetune/<method>/p<p>/eval.json  stage 3: harmful score (%) and fine-tune accuracy (%)
     results.json, results.csv, results.md
 
 Every artifact is written to a temporary name and renamed, and a rerun skips what exists. The harmful samples of the
 fine-tune come from the harmful dataset's rows after those the alignment used, so the attack is not the alignment's
-own data. Stage 2 is a full fine-tune, or a fresh LoRA on the merged aligned model when a ``peft_config`` is given.
+own data. Stage 2 is a full fine-tune of the aligned model, or, when a ``peft_config`` is given, LoRA: as the paper's
+code does per method (``finetune_adapter="paper"``), Booster's customer fine-tune keeps training the alignment adapter
+and every other method's puts a fresh adapter on the merged aligned model; ``"fresh"`` or ``"continue"`` forces one.
 """
 
+import copy
 import csv
 import io
 import json
@@ -22,18 +27,29 @@ from pathlib import Path
 
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
+from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.lab import generate_completions, is_harmful, sentiment_accuracy
 from llmreg.lab.arithmetic import completion_text
-from llmreg.trainer_utils import import_object, save_whole_model, without_zero3, write_atomically
+from llmreg.trainer_utils import (
+    import_object,
+    replace_directory,
+    save_whole_model,
+    without_zero3,
+    write_atomically,
+)
 
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("sft", "booster")
+ADAPTER_CHOICES = ("paper", "fresh", "continue")
+# The paper's code continues the alignment LoRA for Booster (--alternating single_lora) and merges it and attaches a
+# fresh LoRA for SFT and the other baselines.
+CONTINUES_ALIGNMENT_ADAPTER = {"sft": False, "booster": True}
 
 
 def lab_task_accuracy(completions, label, **columns) -> float:
@@ -67,11 +83,20 @@ class FTaaSArguments:
         metadata={"help": "f(completions, **eval columns) -> accuracy in % (module.function)."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Generation length in the evaluations (paper: 512)."})
+    finetune_adapter: str = field(
+        default="paper",
+        metadata={"help": "With LoRA: does the customer's fine-tune continue the alignment adapter? 'paper' (Booster "
+                          "continues it, SFT gets a fresh adapter on the merged model, as the paper's code), 'fresh' "
+                          "or 'continue' for every method. Ignored without LoRA (a full fine-tune)."},
+    )
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown alignment methods {unknown}; valid methods: {', '.join(METHODS)}.")
+        if self.finetune_adapter not in ADAPTER_CHOICES:
+            raise ValueError(f"Unknown finetune_adapter {self.finetune_adapter!r}; valid choices: "
+                             f"{', '.join(ADAPTER_CHOICES)}.")
         if any(not 0.0 <= p <= 1.0 for p in self.harmful_ratios):
             raise ValueError(f"harmful_ratios are shares in [0, 1], got {self.harmful_ratios}.")
 
@@ -114,12 +139,24 @@ class FTaaSPipeline:
             args.booster_lambda = 0.0
         try:
             trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
-                                     harmful_dataset=self.alignment_harmful, peft_config=self.peft_config)
+                                     harmful_dataset=self.alignment_harmful,
+                                     peft_config=copy.deepcopy(self.peft_config))
             trainer.train()
+            if self.state.is_main_process:  # the alignment's curves: loss, and Booster's harmful losses and gap
+                write_atomically(final.parent / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+            if self.peft_config is not None:
+                save_adapter(trainer, final.parent / "adapter")
             save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
         finally:
             args.booster_lambda = lam
         return final
+
+    def continues_adapter(self, method: str) -> bool:
+        if self.peft_config is None:
+            return False
+        if self.args.finetune_adapter == "paper":
+            return CONTINUES_ALIGNMENT_ADAPTER[method]
+        return self.args.finetune_adapter == "continue"
 
     def customer_data(self, ratio: float) -> Dataset:
         """n samples: round(p·n) harmful ones (attack rows), the rest from the task; shuffled with the seed."""
@@ -136,14 +173,25 @@ class FTaaSPipeline:
         if final.exists():
             return final
         a = self.alignment_args
+        # The stage-1 model is local: the base's hub revision does not apply to it.
+        init_kwargs = {k: v for k, v in (a.model_init_kwargs or {}).items() if k != "revision"}
+        continues = self.continues_adapter(method)
         args = SFTConfig(output_dir=str(final.parent / "train"), learning_rate=self.args.finetune_learning_rate,
                          num_train_epochs=self.args.finetune_epochs,
                          per_device_train_batch_size=self.args.finetune_batch_size, max_length=a.max_length,
                          use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
                          logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
-                         lr_scheduler_type="constant", disable_tqdm=a.disable_tqdm)
-        trainer = SFTTrainer(str(aligned), args=args, train_dataset=self.customer_data(ratio),
-                             peft_config=self.peft_config)
+                         lr_scheduler_type="constant", disable_tqdm=a.disable_tqdm,
+                         model_init_kwargs=None if continues else init_kwargs or None)
+        data = self.customer_data(ratio)
+        if continues:
+            adapter = aligned.parent / "adapter"
+            model = AutoPeftModelForCausalLM.from_pretrained(adapter, is_trainable=True, **init_kwargs)
+            trainer = SFTTrainer(model, args=args, train_dataset=data,
+                                 processing_class=AutoTokenizer.from_pretrained(adapter))
+        else:
+            trainer = SFTTrainer(str(aligned), args=args, train_dataset=data,
+                                 peft_config=copy.deepcopy(self.peft_config))
         trainer.train()
         save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
         return final
@@ -183,7 +231,7 @@ class FTaaSPipeline:
                              **self.evaluate(tuned)})
         if self.state.is_main_process:
             settings = {"ftaas": asdict(self.args), "booster_lambda": self.alignment_args.booster_lambda,
-                        "booster_alpha": self.alignment_args.booster_alpha}
+                        "booster_alpha": self.alignment_args.booster_alpha, "lora": self.peft_config is not None}
             write_atomically(self.output_dir / "results.json", json.dumps({"settings": settings, "rows": rows},
                                                                            indent=1))
             buffer = io.StringIO()
@@ -194,6 +242,15 @@ class FTaaSPipeline:
             write_atomically(self.output_dir / "results.md", results_table(rows))
         self.state.wait_for_everyone()
         return rows
+
+
+def save_adapter(trainer, final: Path) -> None:
+    """Save the trainer's LoRA adapter (and tokenizer) to ``final`` atomically; every process must call it."""
+    temporary = final.with_name(final.name + ".tmp")
+    trainer.save_model(str(temporary))
+    if trainer.accelerator.is_main_process:
+        replace_directory(temporary, final)
+    trainer.accelerator.wait_for_everyone()
 
 
 def results_table(rows: list[dict]) -> str:
