@@ -102,10 +102,13 @@ def import_object(path: str):
         raise ValueError(f"Cannot import {path!r} (expected an importable module.name): {error}") from error
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name next to ``path``, then rename: a reader never sees half a file."""
+def write_atomically(path: Path, content: str | bytes) -> None:
+    """Write ``content`` to a temporary name next to ``path``, then rename: a reader never sees half a file."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
+    if isinstance(content, bytes):
+        temporary.write_bytes(content)
+    else:
+        temporary.write_text(content)
     os.replace(temporary, path)
 
 

@@ -2,6 +2,7 @@
 rerun that redoes nothing, and bad grids refused before any training."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,13 +22,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def make_pipeline(lab_model_dir, tmp_path, **overrides):
+def make_pipeline(lab_model_dir, tmp_path, vaccine_rho=0.0, **overrides):
     args = FTaaSArguments(**{"methods": ["sft", "booster"], "harmful_ratios": [0.0, 0.5], "num_finetune_samples": 16,
                              "finetune_learning_rate": 1e-3, "finetune_epochs": 1, "finetune_batch_size": 8,
                              "max_new_tokens": 8, **overrides})
     alignment = BoosterConfig(str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False,
                               report_to="none", save_strategy="no", max_steps=2, per_device_train_batch_size=8,
-                              learning_rate=1e-3, harmful_batch_size=4, max_length=64, seed=0, disable_tqdm=True)
+                              learning_rate=1e-3, harmful_batch_size=4, max_length=64, seed=0, disable_tqdm=True,
+                              vaccine_rho=vaccine_rho)
     return FTaaSPipeline(args, alignment, str(lab_model_dir), alignment_dataset=safety_alignment_dataset(64),
                          harmful_dataset=safety_harmful_dataset(64), task_dataset=sentiment_dataset(64),
                          task_eval_dataset=sentiment_dataset(12, split="test"),
@@ -61,6 +63,10 @@ def test_the_grid_writes_every_stage_and_a_rerun_redoes_nothing(lab_model_dir, t
     assert results["rows"] == rows and results["settings"]["booster_lambda"] == 5.0
     assert (tmp_path / "results.csv").read_text().count("\n") == 7
     assert "| booster | fine-tuned | 0.5 |" in (tmp_path / "results.md").read_text()
+    from matplotlib.image import imread
+
+    image = imread(tmp_path / "results.png")
+    assert image.shape[0] > 200 and image.shape[1] > 600 and image[..., :3].std() > 0.05  # two drawn panels
     assert not list(tmp_path.rglob("*.tmp"))
 
     def refuse(*args, **kwargs):
@@ -73,7 +79,9 @@ def test_the_grid_writes_every_stage_and_a_rerun_redoes_nothing(lab_model_dir, t
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"methods": ["vaccine-x"]}, "valid methods: sft, booster"),
+    ({"methods": ["vaccine-x"]}, "valid methods: sft, booster, vaccine, booster_vaccine"),
+    ({"methods": ["sft", "sft"]}, "duplicates"),
+    ({"methods": ["vaccine"]}, "needs vaccine_rho > 0"),
     ({"harmful_ratios": [1.5]}, r"shares in \[0, 1\]"),
     ({"num_finetune_samples": 100, "harmful_ratios": [0.5]}, "needs 50 harmful samples"),
 ])
@@ -120,3 +128,22 @@ def test_with_lora_booster_continues_its_alignment_adapter_and_sft_gets_a_fresh_
 def test_an_unknown_adapter_choice_is_refused():
     with pytest.raises(ValueError, match="valid choices: paper, fresh, continue"):
         FTaaSArguments(finetune_adapter="merge")
+
+
+def test_each_method_aligns_with_its_own_regularizers(lab_model_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    class Recorded(Exception):
+        pass
+
+    def record(model, args, **kwargs):
+        seen[Path(args.output_dir).parent.name] = (args.booster_lambda, args.vaccine_rho)
+        raise Recorded
+
+    pipeline = make_pipeline(lab_model_dir, tmp_path, vaccine_rho=2.0, methods=list(ftaas_pipeline.METHODS))
+    monkeypatch.setattr(ftaas_pipeline, "BoosterTrainer", record)
+    for method in ftaas_pipeline.METHODS:
+        with pytest.raises(Recorded):
+            pipeline.align(method)
+    assert seen == {"sft": (0.0, 0.0), "booster": (5.0, 0.0), "vaccine": (0.0, 2.0), "booster_vaccine": (5.0, 2.0)}
+    assert (pipeline.alignment_args.booster_lambda, pipeline.alignment_args.vaccine_rho) == (5.0, 2.0)  # restored

@@ -2,13 +2,14 @@
 
 ``FTaaSPipeline.run`` runs a grid of alignment methods × harmful ratios p and writes, under ``output_dir``:
 
-    align/<method>/model            stage 1: the aligned model (``sft`` = Booster with λ = 0, the same updates as
-                                    SFTTrainer; ``booster`` = BoosterTrainer with the config's λ, α), merged
+    align/<method>/model            stage 1: the aligned model, merged: ``sft`` (BoosterTrainer with λ = 0 and ρ = 0,
+                                    the same updates as SFTTrainer), ``booster`` (the config's λ, α), ``vaccine`` (the
+                                    config's ρ) or ``booster_vaccine`` (both)
     align/<method>/log_history.json the alignment's logged metrics (loss; for Booster its harmful losses and gap)
     align/<method>/adapter          with LoRA, the alignment adapter itself (for a fine-tune that continues it)
     finetune/<method>/p<p>/model    stage 2: the customer's fine-tune of it on n task samples, a share p harmful
     finetune/<method>/p<p>/eval.json  stage 3: harmful score (%) and fine-tune accuracy (%)
-    results.json, results.csv, results.md
+    results.json, results.csv, results.md, results.png (harmful score and accuracy against p, per method)
 
 Every artifact is written to a temporary name and renamed, and a rerun skips what exists. The harmful samples of the
 fine-tune come from the harmful dataset's rows after those the alignment used, so the attack is not the alignment's
@@ -45,11 +46,12 @@ from llmreg.trainer_utils import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sft", "booster")
+# Each alignment method is BoosterTrainer with Booster's λ and Vaccine's ρ on or off (the config's values when on).
+METHODS = {"sft": (False, False), "booster": (True, False), "vaccine": (False, True), "booster_vaccine": (True, True)}
 ADAPTER_CHOICES = ("paper", "fresh", "continue")
 # The paper's code continues the alignment LoRA for Booster (--alternating single_lora) and merges it and attaches a
-# fresh LoRA for SFT and the other baselines.
-CONTINUES_ALIGNMENT_ADAPTER = {"sft": False, "booster": True}
+# fresh LoRA for SFT, Vaccine and the other baselines.
+CONTINUES_ALIGNMENT_ADAPTER = {"sft": False, "booster": True, "vaccine": False, "booster_vaccine": True}
 
 
 def lab_task_accuracy(completions, label, **columns) -> float:
@@ -94,6 +96,8 @@ class FTaaSArguments:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown alignment methods {unknown}; valid methods: {', '.join(METHODS)}.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods has duplicates: {self.methods}.")
         if self.finetune_adapter not in ADAPTER_CHOICES:
             raise ValueError(f"Unknown finetune_adapter {self.finetune_adapter!r}; valid choices: "
                              f"{', '.join(ADAPTER_CHOICES)}.")
@@ -118,6 +122,12 @@ class FTaaSPipeline:
         self.peft_config = peft_config
         self.output_dir = Path(alignment_args.output_dir)
         self.state = PartialState()
+        for method in args.methods:
+            uses_booster, uses_vaccine = METHODS[method]
+            if uses_booster and alignment_args.booster_lambda == 0:
+                raise ValueError(f"Method {method!r} needs booster_lambda > 0 (paper: 5); it is 0.")
+            if uses_vaccine and alignment_args.vaccine_rho == 0:
+                raise ValueError(f"Method {method!r} needs vaccine_rho > 0 (Vaccine: 2); it is 0. Set --vaccine_rho.")
         # The attack's harmful samples: rows the alignment stage's regularizer does not see.
         needed = round(max(args.harmful_ratios) * args.num_finetune_samples)
         if needed > len(harmful_dataset) // 2:
@@ -134,9 +144,9 @@ class FTaaSPipeline:
             return final
         args = self.alignment_args
         args.output_dir = str(final.parent / "train")
-        lam = args.booster_lambda
-        if method == "sft":
-            args.booster_lambda = 0.0
+        lam, rho = args.booster_lambda, args.vaccine_rho
+        uses_booster, uses_vaccine = METHODS[method]
+        args.booster_lambda, args.vaccine_rho = (lam if uses_booster else 0.0), (rho if uses_vaccine else 0.0)
         try:
             trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
                                      harmful_dataset=self.alignment_harmful,
@@ -148,7 +158,7 @@ class FTaaSPipeline:
                 save_adapter(trainer, final.parent / "adapter")
             save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
         finally:
-            args.booster_lambda = lam
+            args.booster_lambda, args.vaccine_rho = lam, rho
         return final
 
     def continues_adapter(self, method: str) -> bool:
@@ -231,7 +241,8 @@ class FTaaSPipeline:
                              **self.evaluate(tuned)})
         if self.state.is_main_process:
             settings = {"ftaas": asdict(self.args), "booster_lambda": self.alignment_args.booster_lambda,
-                        "booster_alpha": self.alignment_args.booster_alpha, "lora": self.peft_config is not None}
+                        "booster_alpha": self.alignment_args.booster_alpha,
+                        "vaccine_rho": self.alignment_args.vaccine_rho, "lora": self.peft_config is not None}
             write_atomically(self.output_dir / "results.json", json.dumps({"settings": settings, "rows": rows},
                                                                            indent=1))
             buffer = io.StringIO()
@@ -240,6 +251,7 @@ class FTaaSPipeline:
             writer.writerows(rows)
             write_atomically(self.output_dir / "results.csv", buffer.getvalue())
             write_atomically(self.output_dir / "results.md", results_table(rows))
+            write_atomically(self.output_dir / "results.png", results_plot(rows))
         self.state.wait_for_everyone()
         return rows
 
@@ -261,3 +273,26 @@ def results_table(rows: list[dict]) -> str:
         lines.append(f"| {row['method']} | {row['stage']} | {ratio} | {row['harmful_score']:.1f} | "
                      f"{row['finetune_accuracy']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def results_plot(rows: list[dict]) -> bytes:
+    """A PNG: harmful score and fine-tune accuracy after the customer's fine-tune against p, one line per method."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no display backend
+
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    harm, accuracy = figure.subplots(1, 2)
+    for method in dict.fromkeys(row["method"] for row in rows):
+        tuned = [row for row in rows if row["method"] == method and row["stage"] == "fine-tuned"]
+        ratios = [row["harmful_ratio"] for row in tuned]
+        harm.plot(ratios, [row["harmful_score"] for row in tuned], marker="o", label=method)
+        accuracy.plot(ratios, [row["finetune_accuracy"] for row in tuned], marker="o", label=method)
+    harm.set(xlabel="harmful ratio p of the customer's data", ylabel="harmful score (%)",
+             title="Harm after the customer's fine-tune")
+    accuracy.set(xlabel="harmful ratio p of the customer's data", ylabel="fine-tune accuracy (%)",
+                 title="Task accuracy after the fine-tune")
+    for axes in (harm, accuracy):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
