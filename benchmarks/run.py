@@ -15,7 +15,14 @@ from datasets import Dataset
 from harness import compare
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from llmreg.lab import arithmetic_dataset, arithmetic_reward, ensure_lab_model
+from llmreg.booster import BoosterConfig, BoosterTrainer
+from llmreg.lab import (
+    arithmetic_dataset,
+    arithmetic_reward,
+    ensure_lab_model,
+    safety_alignment_dataset,
+    safety_harmful_dataset,
+)
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.spin import SPINConfig, SPINTrainer
@@ -130,7 +137,35 @@ def make_spin_case():
     return make_selfplay_case(SPINConfig, SPINTrainer, alpha=0.3)
 
 
-CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case}
+def make_alignment_case(**booster_args):
+    """BoosterTrainer with ``booster_args`` against SFTTrainer on the lab safety-alignment data, batches of 10
+    alignment (and 10 harmful) rows as in the paper."""
+    model_dir = str(ensure_lab_model())
+    alignment, harmful = safety_alignment_dataset(), safety_harmful_dataset()
+    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=10, max_length=128, learning_rate=1e-4)
+
+    def make_candidate():
+        args = BoosterConfig(**kwargs, harmful_batch_size=10, **booster_args)
+        return BoosterTrainer(model_dir, args=args, train_dataset=alignment, harmful_dataset=harmful)
+
+    def make_baseline():
+        return SFTTrainer(model=model_dir, args=SFTConfig(**kwargs), train_dataset=alignment)
+
+    return make_candidate, make_baseline
+
+
+def make_booster_case():
+    """Booster (λ = 5, α = 0.1): two harmful passes and the alignment pass per step, as the paper's code."""
+    return make_alignment_case(booster_lambda=5.0, booster_alpha=0.1)
+
+
+def make_vaccine_case():
+    """Vaccine (ρ = 2, no Booster): the hidden-gradient pass and the perturbed alignment pass."""
+    return make_alignment_case(booster_lambda=0.0, vaccine_rho=2.0)
+
+
+CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case,
+         "booster": make_booster_case, "vaccine": make_vaccine_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

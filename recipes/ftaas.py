@@ -1,35 +1,68 @@
-"""Fine-tuning as a service: align (SFT or Booster), let a customer fine-tune with a share p of harmful samples, then
-measure the harmful score and the fine-tune accuracy, for a grid of methods × p. On the lab by default:
+"""Fine-tuning as a service: align (SFT, Booster, Vaccine or Booster + Vaccine), let a customer fine-tune with a share
+p of harmful samples, then measure the harmful score and the fine-tune accuracy, for a grid of methods × p. On the lab
+by default (recipes/configs/ftaas_lab.yaml spells it out):
 
-    accelerate launch recipes/ftaas.py          # the lab: SFT vs Booster at p in {0, 0.05, 0.1, 0.2}, ~3 min on 2 CPUs
-    accelerate launch recipes/ftaas.py --harmful_ratios 0 0.05 0.1 0.2 --booster_lambda 1
+    accelerate launch recipes/ftaas.py          # the lab: SFT vs Booster at p in {0, 0.05, 0.1, 0.2}, ~2 min on 2 CPUs
+    accelerate launch recipes/ftaas.py --methods sft booster vaccine booster_vaccine --vaccine_rho 2
+    accelerate launch recipes/ftaas.py --booster_alpha 0.01
+
+The paper's setting (Llama-2-7B with LoRA, BeaverTails, SST2; see the comments in the config):
+
+    accelerate launch recipes/ftaas.py --config recipes/configs/ftaas.yaml
 
 The alignment stage's settings are BoosterConfig's (`--booster_lambda`, `--learning_rate`, `--max_steps`, ...), the
-customer's fine-tune the `--finetune_*` options. Results: `<output_dir>/results.{md,csv,json}`; a rerun resumes.
+customer's fine-tune the `--finetune_*` options. Results: `<output_dir>/results.{md,csv,json,png}`; a rerun resumes.
 """
+
+from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.booster import BoosterConfig
 from llmreg.ftaas import FTaaSArguments, FTaaSPipeline, results_table
-from llmreg.lab import safety_eval_prompts
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 
 
-def dataset(name: str, split: str):
-    return load_recipe_dataset(ScriptArguments(dataset_name=name), split)
+@dataclass
+class FTaaSScriptArguments(ScriptArguments):
+    """The datasets (``dataset_name`` is the alignment data: harmful prompt → refusal). Each is a lab dataset, a local
+    dataset directory or a hub id, in prompt/completion or messages format."""
+
+    harmful_dataset_name: str = field(
+        default="llmreg/safety-harmful",
+        metadata={"help": "Harmful prompts with harmful answers (train split): its first half is Booster's h, its "
+                          "second half the attack's harmful samples."},
+    )
+    task_dataset_name: str = field(
+        default="llmreg/sentiment",
+        metadata={"help": "The customer's benign task (train split to fine-tune, test split to score accuracy)."},
+    )
+    harmful_eval_dataset_name: str = field(
+        default="llmreg/safety-harmful",
+        metadata={"help": "Held-out harmful prompts for the harmful score (test split; only `prompt` is used)."},
+    )
+    dataset_eval_split: str = field(default="test", metadata={"help": "Split of the evaluation datasets."})
+    num_eval_samples: int = field(
+        default=200, metadata={"help": "Harmful prompts and task items evaluated, at most (paper: 1000)."}
+    )
 
 
-def main(script_args: ScriptArguments, ftaas_args: FTaaSArguments, training_args: BoosterConfig,
+def dataset(name: str, split: str, limit: int | None = None):
+    data = load_recipe_dataset(ScriptArguments(dataset_name=name), split)
+    return data if limit is None else data.select(range(min(limit, len(data))))
+
+
+def main(script_args: FTaaSScriptArguments, ftaas_args: FTaaSArguments, training_args: BoosterConfig,
          model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    split, limit = script_args.dataset_eval_split, script_args.num_eval_samples
     pipeline = FTaaSPipeline(
         ftaas_args, training_args, model_args.model_name_or_path,
         alignment_dataset=load_recipe_dataset(script_args, script_args.dataset_train_split),
-        harmful_dataset=dataset("llmreg/safety-harmful", "train"),
-        task_dataset=dataset("llmreg/sentiment", "train"),
-        task_eval_dataset=dataset("llmreg/sentiment", "test").select(range(200)),
-        harmful_eval_prompts=safety_eval_prompts(),
+        harmful_dataset=dataset(script_args.harmful_dataset_name, script_args.dataset_train_split),
+        task_dataset=dataset(script_args.task_dataset_name, script_args.dataset_train_split),
+        task_eval_dataset=dataset(script_args.task_dataset_name, split, limit),
+        harmful_eval_prompts=dataset(script_args.harmful_eval_dataset_name, split, limit).select_columns(["prompt"]),
         peft_config=get_peft_config(model_args),
     )
     rows = pipeline.run()
@@ -40,7 +73,7 @@ def main(script_args: ScriptArguments, ftaas_args: FTaaSArguments, training_args
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/ftaas_lab.yaml spells out.
     return make_recipe_parser(
-        (ScriptArguments, FTaaSArguments, BoosterConfig, ModelConfig),
+        (FTaaSScriptArguments, FTaaSArguments, BoosterConfig, ModelConfig),
         dataset_name="llmreg/safety-alignment",
         output_dir="outputs/ftaas",
         max_steps=200,

@@ -184,3 +184,10 @@ def test_a_classifier_judge_without_the_harmful_label_is_refused_before_training
         make_pipeline(lab_model_dir, tmp_path, harmful_judge=f"text_classification:{tmp_path / 'judge'}")
     with pytest.raises(ValueError, match="Cannot import 'llmreg.lab.nothing'"):
         make_pipeline(lab_model_dir, tmp_path, harmful_judge="llmreg.lab.nothing")
+
+
+def test_label_accuracy_takes_the_first_label_the_answer_names():
+    answers = ["Positive.", "It is negative, not positive", [{"role": "assistant", "content": "Sports"}], "no idea",
+               "negative"]
+    labels = ["positive", "negative", "sports", "world", "positive"]
+    assert ftaas_pipeline.label_accuracy(answers, labels) == pytest.approx(60.0)

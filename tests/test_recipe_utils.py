@@ -143,7 +143,7 @@ def test_recipes_are_offline_unless_the_user_says_otherwise(environment, offline
 
 
 @pytest.mark.parametrize(("recipe", "config"), [
-    (rpg, "rpg.yaml"), (rspo, "rspo.yaml"), (spin, "spin.yaml"), (booster, "booster.yaml"),
+    (rpg, "rpg.yaml"), (rspo, "rspo.yaml"), (spin, "spin.yaml"), (booster, "booster.yaml"), (ftaas, "ftaas.yaml"),
 ])
 def test_paper_configs_name_only_known_fields(recipe, config):
     # The paper settings cannot run here (no hub, no GPU), but every key must be a field the recipe knows.

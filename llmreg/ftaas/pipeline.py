@@ -60,6 +60,18 @@ def lab_task_accuracy(completions, label, **columns) -> float:
     return sentiment_accuracy(completions, label)
 
 
+def label_accuracy(completions, label, **columns) -> float:
+    """Fine-tune accuracy (%) for a classification task answered in words (SST2, AGNews): an answer is right when,
+    of all the labels in the evaluation set, the gold one is the first it names (case-insensitive)."""
+    names = sorted({str(name).lower() for name in label})
+    correct = 0
+    for completion, gold in zip(completions, label, strict=True):
+        text = completion_text(completion).lower()
+        positions = {name: text.find(name) for name in names if name in text}
+        correct += bool(positions) and min(positions, key=positions.get) == str(gold).lower()
+    return 100.0 * correct / len(completions)
+
+
 def lab_harmful_judge(prompts, completions) -> list[bool]:
     """The lab's rule judge: is each answer harmful?"""
     return [is_harmful(completion_text(c)) for c in completions]
@@ -69,7 +81,7 @@ def lab_harmful_judge(prompts, completions) -> list[bool]:
 class FTaaSArguments:
     """The grid and the customer's fine-tune (the alignment stage's settings are the BoosterConfig)."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS),
+    methods: list[str] = field(default_factory=lambda: ["sft", "booster"],
                                metadata={"help": f"Alignment methods, among {', '.join(METHODS)}."})
     harmful_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2],
                                         metadata={"help": "Shares p of harmful samples in the customer's data."})
@@ -205,7 +217,7 @@ class FTaaSPipeline:
                          per_device_train_batch_size=self.args.finetune_batch_size, max_length=a.max_length,
                          use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
                          logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
-                         lr_scheduler_type="constant", disable_tqdm=a.disable_tqdm,
+                         lr_scheduler_type="constant", weight_decay=a.weight_decay, disable_tqdm=a.disable_tqdm,
                          model_init_kwargs=None if continues else init_kwargs or None)
         data = self.customer_data(ratio)
         if continues:
