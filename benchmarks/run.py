@@ -137,11 +137,12 @@ def make_spin_case():
     return make_selfplay_case(SPINConfig, SPINTrainer, alpha=0.3)
 
 
-def make_alignment_case(**booster_args):
+def make_alignment_case(harmful=None, **booster_args):
     """BoosterTrainer with ``booster_args`` against SFTTrainer on the lab safety-alignment data, batches of 10
     alignment (and 10 harmful) rows as in the paper."""
     model_dir = str(ensure_lab_model())
-    alignment, harmful = safety_alignment_dataset(), safety_harmful_dataset()
+    alignment = safety_alignment_dataset()
+    harmful = safety_harmful_dataset() if harmful is None else harmful
     kwargs = dict(COMMON_ARGS, per_device_train_batch_size=10, max_length=128, learning_rate=1e-4)
 
     def make_candidate():
@@ -159,13 +160,21 @@ def make_booster_case():
     return make_alignment_case(booster_lambda=5.0, booster_alpha=0.1)
 
 
+def make_booster_equal_passes_case():
+    """Booster's cost when a harmful batch costs what an alignment batch does (the paper's count of 3 equal passes):
+    for timing only, the 'harmful' rows are alignment rows of the same length distribution. On the lab's real
+    harmful data (the booster case) a harmful batch has about 4 times the answer tokens of an alignment batch."""
+    return make_alignment_case(harmful=safety_alignment_dataset(seed=1), booster_lambda=5.0, booster_alpha=0.1)
+
+
 def make_vaccine_case():
     """Vaccine (ρ = 2, no Booster): the hidden-gradient pass and the perturbed alignment pass."""
     return make_alignment_case(booster_lambda=0.0, vaccine_rho=2.0)
 
 
 CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case,
-         "booster": make_booster_case, "vaccine": make_vaccine_case}
+         "booster": make_booster_case, "booster_equal_passes": make_booster_equal_passes_case,
+         "vaccine": make_vaccine_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",
