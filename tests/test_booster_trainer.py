@@ -133,7 +133,7 @@ def test_lambda_zero_is_sft(lab_model_dir, tmp_path):
 def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, vaccine_rho):
     # Booster's direction is computed once per step; Vaccine's ε is normalized over the step's micro-batches.
     updates = []
-    for batch, accumulation in ((8, 1), (2, 4)):
+    for batch, accumulation in ((8, 1), (1, 8)):
         args = booster_config(tmp_path / str(batch), per_device_train_batch_size=batch,
                               gradient_accumulation_steps=accumulation, optim="sgd", max_grad_norm=0.0,
                               vaccine_rho=vaccine_rho)
