@@ -119,6 +119,15 @@ def replace_directory(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
+def reset_accelerator_state() -> None:
+    """Let the next Trainer build its own ``Accelerator``: a script that trains one model after another under DeepSpeed
+    (the FTaaS pipeline's stages) otherwise fails, as accelerate refuses a second DeepSpeed plugin. The process group
+    stays; transformers resets the same state between its hyperparameter-search trials."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
 def save_whole_model(trainer, final: Path, merge_adapter: bool) -> None:
     """Save the trained model to ``final`` atomically, as a whole model: with ``merge_adapter``, its LoRA adapter is
     merged into the base first, so that the next stage can load it (or put a fresh adapter on it) like any model.

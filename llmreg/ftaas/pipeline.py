@@ -39,6 +39,7 @@ from llmreg.lab.arithmetic import completion_text
 from llmreg.trainer_utils import (
     import_object,
     replace_directory,
+    reset_accelerator_state,
     save_whole_model,
     without_zero3,
     write_atomically,
@@ -174,6 +175,7 @@ class FTaaSPipeline:
         uses_booster, uses_vaccine = METHODS[method]
         args.booster_lambda, args.vaccine_rho = (lam if uses_booster else 0.0), (rho if uses_vaccine else 0.0)
         try:
+            reset_accelerator_state()
             trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
                                      harmful_dataset=self.alignment_harmful,
                                      peft_config=copy.deepcopy(self.peft_config))
@@ -220,6 +222,7 @@ class FTaaSPipeline:
                          lr_scheduler_type="constant", weight_decay=a.weight_decay, disable_tqdm=a.disable_tqdm,
                          model_init_kwargs=None if continues else init_kwargs or None)
         data = self.customer_data(ratio)
+        reset_accelerator_state()
         if continues:
             adapter = aligned.parent / "adapter"
             model = AutoPeftModelForCausalLM.from_pretrained(adapter, is_trainable=True, **init_kwargs)
