@@ -1,6 +1,6 @@
 """Booster on the lab: harmful score after the customer's fine-tune, SFT- vs Booster-aligned, over λ, α and seeds.
 
-    python benchmarks/booster_lab.py                           # every variant, seeds 0 and 1 (~15 min on 2 cores)
+    python benchmarks/booster_lab.py                           # every variant, seeds 0 and 1 (~30 min on 2 cores)
     python benchmarks/booster_lab.py --variants SFT "Booster λ=5 α=0.1" --seeds 0
 
 Every run is ``recipes/ftaas.py`` with its no-argument lab settings (full fine-tuning; customer data of 400 samples)
@@ -34,6 +34,8 @@ VARIANTS = {
     "Booster λ=5 α=0.01": ["--methods", "booster", "--booster_alpha", "0.01"],
     "Booster λ=5 α=0.001": ["--methods", "booster", "--booster_alpha", "0.001"],
     "Booster λ=1 α=0.01": ["--methods", "booster", "--booster_lambda", "1", "--booster_alpha", "0.01"],
+    "Vaccine ρ=2": ["--methods", "vaccine", "--vaccine_rho", "2"],
+    "Booster + Vaccine λ=5 α=0.1 ρ=2": ["--methods", "booster_vaccine", "--vaccine_rho", "2"],
 }
 
 

@@ -1,4 +1,5 @@
-"""Booster's alignment stage: SFT on refusals plus the harmful-perturbation regularizer, on the lab by default.
+"""Booster's alignment stage: SFT on refusals plus the harmful-perturbation regularizer (and, on request, Vaccine's
+hidden-state perturbation), on the lab by default.
 
 With no arguments it aligns the lab model ``llmreg/tiny`` on the lab safety data (harmful prompts → refusals, with
 harmful answers for the regularizer) on a CPU in a few minutes, and prints the harmful score and refusal rate on
@@ -6,7 +7,8 @@ held-out harmful prompts before and after (recipes/configs/booster_lab.yaml spel
 
     accelerate launch recipes/booster.py
     accelerate launch recipes/booster.py --booster_lambda 0     # plain SFT alignment, for comparison
-    accelerate launch --config_file accelerate_configs/multi_process.yaml recipes/booster.py
+    accelerate launch recipes/booster.py --vaccine_rho 2        # Booster + Vaccine (with --booster_lambda 0: Vaccine)
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/booster.py
 
 The paper's setting (Llama-2-7B with LoRA; see the comments in the config):
 
@@ -73,7 +75,7 @@ def main(script_args: BoosterScriptArguments, training_args: BoosterConfig, mode
     if accelerator.is_main_process:
         gaps = [entry["booster/gap"] for entry in trainer.state.log_history if "booster/gap" in entry]
         summary = {"booster_lambda": training_args.booster_lambda, "booster_alpha": training_args.booster_alpha,
-                   "final_harmful_gap": gaps[-1] if gaps else None}
+                   "vaccine_rho": training_args.vaccine_rho, "final_harmful_gap": gaps[-1] if gaps else None}
         if on_lab:
             after = lab_safety(training_args.output_dir)
             summary.update({f"{key}_before": value for key, value in before.items()})

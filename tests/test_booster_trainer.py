@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_recipes import REPO, launch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
@@ -76,8 +76,7 @@ def test_added_gradient_is_lambda_times_the_harmful_gradient_difference(lab_mode
     trainer = make_trainer(lab_model_dir, booster_config(tmp_path, booster_lambda=3.0, booster_alpha=0.2))
     model = trainer.model
     before = parameters(trainer)
-    batch = trainer._next_harmful_batch()
-    trainer._harmful_batches = iter([batch])  # the trainer uses this same batch next
+    batch = trainer._harmful_batch(0)  # what the trainer draws at step 0
 
     # By hand, on a fresh copy of the same weights: g at w, w̃ = w − α g/‖g‖, g̃ at w̃.
     twin = AutoModelForCausalLM.from_pretrained(lab_model_dir)
@@ -111,12 +110,50 @@ def test_added_gradient_is_lambda_times_the_harmful_gradient_difference(lab_mode
     grads = {}
     for lam in (3.0, 0.0):
         trainer.args.booster_lambda = lam
-        trainer._harmful_batches = iter([batch])
         model.zero_grad(set_to_none=True)
         trainer.training_step(model, inputs)
         grads[lam] = [p.grad.clone() for p in params]
     for with_booster, without, extra in zip(grads[3.0], grads[0.0], extras):
         torch.testing.assert_close(with_booster - without, extra, rtol=1e-4, atol=1e-6)
+
+
+def test_harmful_batches_are_a_function_of_the_step_and_cover_each_pass(lab_model_dir, tmp_path):
+    trainer = make_trainer(lab_model_dir, booster_config(tmp_path, harmful_batch_size=100))
+    steps = len(trainer._harmful_rows) // 100
+    drawn = [trainer._harmful_indices(step) for step in range(2 * steps)]
+    first = [i for batch in drawn[:steps] for i in batch]
+    second = [i for batch in drawn[steps:] for i in batch]
+    assert len(set(first)) == len(first) == 100 * steps and len(set(second)) == len(second)  # a pass: no repeats
+    assert first != second  # reshuffled for the next pass
+    again = make_trainer(lab_model_dir, booster_config(tmp_path, harmful_batch_size=100))
+    assert again._harmful_indices(steps + 1) == drawn[steps + 1]  # a fresh trainer at step s draws the same rows
+    batch = again._harmful_batch(3)
+    expected = again.data_collator(list(again._harmful_rows.select(drawn[3])))
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+
+
+class StopAfterStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def test_resuming_from_a_checkpoint_gives_the_straight_run(lab_model_dir, tmp_path):
+    # Booster's own state is the harmful sampler's position: a function of the step, so nothing extra is saved.
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, vaccine_rho=2.0, learning_rate=1e-3)
+    straight = make_trainer(lab_model_dir, booster_config(tmp_path / "straight", **common))
+    straight.train()
+    interrupted = make_trainer(lab_model_dir, booster_config(tmp_path / "resumed", **common))
+    interrupted.add_callback(StopAfterStep(2))  # killed after the checkpoint at step 2, schedule and all unchanged
+    interrupted.train()
+    resumed = make_trainer(lab_model_dir, booster_config(tmp_path / "resumed", **common))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    gaps = [[e["booster/gap"] for e in t.state.log_history if "booster/gap" in e] for t in (straight, resumed)]
+    assert len(gaps[0]) == 4 and gaps[1] == pytest.approx(gaps[0], rel=1e-5)  # the checkpoint's 2, then 2 new
 
 
 def test_lambda_zero_is_sft(lab_model_dir, tmp_path):
@@ -229,6 +266,9 @@ def test_fsdp_is_refused_with_the_reason_and_the_alternative(tmp_path, monkeypat
 
 
 def test_a_harmful_dataset_is_required_and_checked(lab_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="fewer than one harmful batch"):
+        BoosterTrainer(str(lab_model_dir), args=booster_config(tmp_path), train_dataset=safety_alignment_dataset(),
+                       harmful_dataset=safety_harmful_dataset(3))
     with pytest.raises(ValueError, match="harmful_dataset"):
         BoosterTrainer(str(lab_model_dir), args=booster_config(tmp_path), train_dataset=safety_alignment_dataset())
     with pytest.raises(ValueError, match="missing"):

@@ -6,14 +6,17 @@ whole step shares:
 1. g = ∇h(w) on a harmful batch, by ``torch.autograd.grad`` (the accumulated ``.grad`` is never touched); h is the
    token mean over the harmful batches of all processes (each process's summed loss over the global token count,
    gradients summed over processes), so the direction is normalized over the global harmful batch;
-2. w̃ = w − α·g/(‖g‖ + ε), applied in place after saving a copy of every trainable parameter;
+2. w̃ = w − α·g/(‖g‖ + ε), applied in place after saving a copy of every trainable parameter (gathered under ZeRO-3);
 3. g̃ = ∇h(w̃) on the same batch; the parameters are then copied back, bit for bit;
-4. λ·(g − g̃) is added to ``.grad`` once. The alignment loss f then backpropagates as in SFTTrainer, and DDP averages
-   the sum over processes: ∇f + λ·(∇h(w) − ∇h(w̃)) of the global batches, the same update as one process with the
-   global batches.
+4. λ·(g − g̃) joins that micro-batch's backward through gradient hooks on the parameters, so it reaches the gradient
+   the way the loss's own does, whoever owns ``.grad``: DDP and DeepSpeed then average ∇f + λ·(∇h(w) − ∇h(w̃)) over
+   processes, the same update as one process with the global batches.
 
 The reference code zeroes ``.grad`` between these passes, which is right only without gradient accumulation, and
 restores the weights by adding the step back, which drifts in bf16.
+
+With ``vaccine_rho`` > 0, the alignment pass is Vaccine's (Huang et al. 2024): the decoder layers' outputs are moved by
+ρ along the normalized gradient of f with respect to them, computed for all the step's micro-batches first.
 """
 
 import contextlib
@@ -23,7 +26,6 @@ from typing import ClassVar
 
 import torch
 from peft import PeftModel
-from torch.utils.data import DataLoader, RandomSampler
 from trl import SFTTrainer
 
 from llmreg.booster.booster_config import BoosterConfig
@@ -61,29 +63,36 @@ class BoosterTrainer(SFTTrainer):
         super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
         self.harmful_dataset = self._prepare_dataset(harmful_dataset, self.processing_class, args, packing=False,
                                                      formatting_func=None, dataset_name="harmful")
-        self._harmful_batches = None
-        self._harmful_epoch = 0
+        columns = [c for c in self.harmful_dataset.column_names if c in ("input_ids", "completion_mask",
+                                                                         "assistant_masks", "seq_lengths")]
+        self._harmful_rows = self.harmful_dataset.select_columns(columns)
+        global_batch = args.harmful_batch_size * self.accelerator.num_processes
+        if len(self._harmful_rows) < global_batch:
+            raise ValueError(f"harmful_dataset has {len(self._harmful_rows)} usable rows, fewer than one harmful "
+                             f"batch of all processes ({args.harmful_batch_size} × {self.accelerator.num_processes}). "
+                             "Use more harmful data or a smaller harmful_batch_size.")
+        self._harmful_order = (-1, None)  # (pass, its permutation)
         self._vaccine_pending = None  # (the step's micro-batches, their token count), set by get_batch_samples
         self._vaccine_queue: list[list[torch.Tensor]] = []  # ε per remaining micro-batch of the step
         if args.vaccine_rho > 0:
             decoder_layers(self.accelerator.unwrap_model(self.model))  # refuse a model without layers before training
 
-    def _next_harmful_batch(self) -> dict:
-        """The next harmful batch of this process, from a seeded, reshuffled-each-pass, sharded dataloader."""
-        if self._harmful_batches is None:
-            generator = torch.Generator().manual_seed(self.args.seed + self._harmful_epoch)
-            columns = [c for c in self.harmful_dataset.column_names if c in ("input_ids", "completion_mask",
-                                                                             "assistant_masks", "seq_lengths")]
-            loader = DataLoader(self.harmful_dataset.select_columns(columns),
-                                batch_size=self.args.harmful_batch_size, collate_fn=self.data_collator,
-                                sampler=RandomSampler(self.harmful_dataset, generator=generator), drop_last=True)
-            self._harmful_batches = iter(self.accelerator.prepare_data_loader(loader))
-        try:
-            return next(self._harmful_batches)
-        except StopIteration:
-            self._harmful_epoch += 1
-            self._harmful_batches = None
-            return self._next_harmful_batch()
+    def _harmful_indices(self, step: int) -> list[int]:
+        """The rows of this process's harmful batch at optimizer step ``step``: a function of the step alone, so that
+        a run resumed from a checkpoint draws what a straight run does. Each pass over the data is a permutation
+        seeded with seed + pass; a step takes the next R batches of it, process r the r-th (as accelerate shards a
+        dataloader), and a pass drops the rows that do not fill a step."""
+        size, processes = self.args.harmful_batch_size, self.accelerator.num_processes
+        epoch, position = divmod(step, len(self._harmful_rows) // (size * processes))
+        if self._harmful_order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.args.seed + epoch)
+            self._harmful_order = (epoch, torch.randperm(len(self._harmful_rows), generator=generator).tolist())
+        start = (position * processes + self.accelerator.process_index) * size
+        return self._harmful_order[1][start:start + size]
+
+    def _harmful_batch(self, step: int) -> dict:
+        rows = self._harmful_rows.select(self._harmful_indices(step))
+        return self._prepare_inputs(self.data_collator(list(rows)))
 
     def _lm_loss(self, model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
         """This process's share of a token-mean loss: the summed cross-entropy of the batch's answer tokens /
@@ -140,7 +149,7 @@ class BoosterTrainer(SFTTrainer):
         args = self.args
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: these passes are not the step's backward
         params = [p for p in unwrapped.parameters() if p.requires_grad]
-        batch = self._next_harmful_batch()
+        batch = self._harmful_batch(self.state.global_step)
         processes = self.accelerator.num_processes
         num_items = self.accelerator.reduce((batch["labels"][:, 1:] != -100).sum(), reduction="sum")
 
