@@ -1,0 +1,178 @@
+"""LoRA Dropout (Lin et al. 2024, arXiv 2404.09610): drop whole input dimensions of LoRA's A and output dimensions of
+its B, average the loss over N masks, and ensemble N masks at test time.
+
+For a LoRA layer h = W0·x + s·B·A·x (B ∈ R^{n1×r}, A ∈ R^{r×n2}, s = lora_alpha/r), one dropout instance draws
+m_A ~ Bern(1−p)^{n2} and m_B ~ Bern(1−p)^{n1} and computes (paper Eq. 3)
+
+    ĥ = W0·x + s·(m_B ⊙ B)·(A·(m_A ⊙ x))      i.e.  Â = A·diag(m_A),  B̂ = diag(m_B)·B.
+
+The rank dimension is never dropped. An entry of ΔW = B̂Â is zero with probability 2p − p², and E[ΔW] = (1−p)²·BA
+(no 1/(1−p) rescaling, as in the paper: the masks stay on at test time). PEFT's own ``lora_dropout`` is element-wise
+dropout of the input activations, a different thing; the two can be combined.
+
+The masks are applied by hooks on PEFT's ``lora_A`` (its input) and ``lora_B`` (its output) modules, so any PEFT LoRA
+model and any Trainer get them. They are drawn afresh at every forward of a module in training mode, or in eval mode
+inside ``ensemble()``; by default one mask per forward is shared by every example and token of the batch
+(``per_example=True`` draws one per example). In eval mode outside ``ensemble()`` both sides are scaled by 1 − p: one
+deterministic pass of the expected update (1−p)²·BA, which is also what ``merge_and_unload`` bakes in.
+"""
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+
+CONFIG_NAME = "lora_dropout_config.json"
+
+
+@dataclass
+class LoRADropoutConfig:
+    """LoRA Dropout's settings. See the module docstring for the math."""
+
+    lora_dropout_p: float = field(
+        default=0.0, metadata={"help": "p, the rate of dropped input dims of A and output dims of B (0: off)."}
+    )
+    lora_dropout_train_samples: int = field(
+        default=1, metadata={"help": "N, dropout instances whose losses are averaged in each training forward."}
+    )
+    lora_dropout_eval_samples: int = field(
+        default=0,
+        metadata={"help": "Masks averaged at evaluation (the test-time ensemble); 0 evaluates the expected adapter, "
+                          "(1−p)²·BA, in one pass."},
+    )
+    lora_dropout_per_example: bool = field(
+        default=False, metadata={"help": "One mask per example instead of one per batch."}
+    )
+
+    def __post_init__(self):
+        if not 0.0 <= self.lora_dropout_p < 1.0:
+            raise ValueError(f"lora_dropout_p is a rate in [0, 1), got {self.lora_dropout_p}.")
+        if self.lora_dropout_train_samples < 1 or self.lora_dropout_eval_samples < 0:
+            raise ValueError("lora_dropout_train_samples must be >= 1 and lora_dropout_eval_samples >= 0, got "
+                             f"{self.lora_dropout_train_samples} and {self.lora_dropout_eval_samples}.")
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LoRADropoutConfig":
+        return cls(**json.loads((Path(directory) / CONFIG_NAME).read_text()))
+
+
+def lora_layers(model) -> list[LoraLayer]:
+    """The PEFT LoRA layers of ``model``; an error naming the problem when there are none or they are not Linear."""
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    if not layers:
+        raise ValueError("LoRA Dropout acts on a LoRA adapter, and this model has none: pass a peft_config (LoRA) to "
+                         "the trainer, or wrap the model with peft.get_peft_model.")
+    for layer in layers:
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                raise ValueError(f"LoRA Dropout supports LoRA on Linear layers; {type(layer).__name__} has no lora_A "
+                                 f"for adapter {name!r} (embedding or convolution LoRA).")
+            if layer.use_dora.get(name, False):
+                raise ValueError("LoRA Dropout does not support DoRA (use_dora=True): DoRA's output is not B·A·x.")
+    return layers
+
+
+class LoRADropout:
+    """The masks on a model's LoRA layers, attached by hooks (``attach_lora_dropout``); ``remove()`` detaches them."""
+
+    def __init__(self, model, config: LoRADropoutConfig):
+        self.model = model
+        self.config = config
+        self.ensemble_active = False  # masks on in eval mode too (inside ensemble())
+        self.layers = lora_layers(model)
+        self._handles = []
+        for layer in self.layers:
+            for name in layer.active_adapters:
+                self._handles.append(layer.lora_A[name].register_forward_pre_hook(self._mask_input))
+                self._handles.append(layer.lora_B[name].register_forward_hook(self._mask_output))
+        self._refused = {}
+        if isinstance(model, PeftModel):  # a plain merge would bake in BA, not its expectation (1−p)²·BA
+            for method in ("merge_and_unload", "merge_adapter"):
+                self._refused[method] = model.__dict__.get(method)
+                setattr(model, method, self._refuse_merge)
+
+    def _mask(self, module, reference: torch.Tensor) -> torch.Tensor | float:
+        """In training (or inside ensemble()), a Bernoulli(1 − p) keep-mask over the last dimension of ``reference``,
+        shared across the batch or one per example; otherwise the keep probability 1 − p itself, so that one
+        deterministic pass computes the expected update (1−p)²·B·A."""
+        keep = 1.0 - self.config.lora_dropout_p
+        if not (module.training or self.ensemble_active):
+            return keep
+        shape = [1] * (reference.dim() - 1) + [reference.shape[-1]]
+        if self.config.lora_dropout_per_example and reference.dim() > 1:
+            shape[0] = reference.shape[0]
+        return torch.bernoulli(torch.full(shape, keep, device=reference.device)).to(reference.dtype)
+
+    def _mask_input(self, module, args):
+        if self.config.lora_dropout_p > 0:
+            return (args[0] * self._mask(module, args[0]), *args[1:])
+        return None
+
+    def _mask_output(self, module, args, output):
+        if self.config.lora_dropout_p > 0:
+            return output * self._mask(module, output)
+        return None
+
+    def _refuse_merge(self, *args, **kwargs):
+        raise RuntimeError("This LoRA adapter trains with LoRA Dropout: merging B·A would not give the model it "
+                           "learned, whose expected update is (1−p)²·B·A. Use llmreg.lora_dropout.merge_and_unload "
+                           "(expectation scaling), or detach LoRA Dropout first (remove()) to merge plainly.")
+
+    @contextmanager
+    def ensemble(self):
+        """Inside the block, the model in eval mode keeps drawing masks (each forward one instance)."""
+        previous, self.ensemble_active = self.ensemble_active, True
+        try:
+            yield
+        finally:
+            self.ensemble_active = previous
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for method, original in self._refused.items():
+            if original is None:
+                delattr(self.model, method)
+            else:
+                setattr(self.model, method, original)
+        self._refused = {}
+
+
+def attach_lora_dropout(model, config: LoRADropoutConfig) -> LoRADropout:
+    """Put LoRA Dropout's masks on every active LoRA adapter of ``model`` (a PEFT model)."""
+    return LoRADropout(model, config)
+
+
+def ensemble_forward(model, dropout: LoRADropout, num_samples: int, **inputs):
+    """The test-time ensemble (paper §4.3): the model's outputs with logits = log of the mean over ``num_samples``
+    masks of the softmax (probabilities are averaged, not logits), and, with ``labels``, the causal LM loss of those
+    averaged probabilities. No cache: each mask instance would need its own."""
+    labels = inputs.pop("labels", None)
+    inputs["use_cache"] = False
+    with dropout.ensemble():
+        log_probs = [model(**inputs).logits.float().log_softmax(-1) for _ in range(num_samples)]
+    mixed = torch.logsumexp(torch.stack(log_probs), dim=0) - torch.log(torch.tensor(float(num_samples)))
+    loss = None
+    if labels is not None:
+        loss = torch.nn.functional.nll_loss(mixed[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return mixed, loss
+
+
+@torch.no_grad()
+def merge_and_unload(model: PeftModel, dropout: LoRADropout):
+    """Merge the adapter at its expectation, W0 + (1−p)²·s·B·A, detach LoRA Dropout, and return the base model."""
+    keep = (1.0 - dropout.config.lora_dropout_p) ** 2
+    for layer in dropout.layers:
+        for name in layer.active_adapters:
+            layer.lora_B[name].weight.mul_(keep)
+    dropout.remove()
+    return model.merge_and_unload()

@@ -1,0 +1,107 @@
+"""LoRA Dropout inside Trainers (``with_lora_dropout``): SFTTrainer and an llmreg trainer (RSPO) train with the masks,
+N = 2 averages the losses of two mask draws, and evaluation can use the test-time ensemble."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from test_rspo_trainer import pairs, rspo_config
+from trl import SFTConfig, SFTTrainer
+
+from llmreg.lab import arithmetic_dataset
+from llmreg.lora_dropout import LoRADropoutConfig, ensemble_forward, with_lora_dropout
+from llmreg.rspo import RSPOTrainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lora() -> LoraConfig:
+    # init_lora_weights=False: B is random too, as after some training, so every mask shows in the gradients.
+    return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights=False)
+
+
+def sft_trainer(lab_model_dir, tmp_path, **dropout):
+    args = SFTConfig(str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
+                     save_strategy="no", max_steps=1, per_device_train_batch_size=4, max_length=64, seed=0)
+    torch.manual_seed(0)  # the same adapter initialization for every trainer of a test
+    return with_lora_dropout(SFTTrainer)(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(16),
+                                         eval_dataset=arithmetic_dataset(8, split="test"), peft_config=lora(),
+                                         lora_dropout=LoRADropoutConfig(**dropout))
+
+
+def lora_grads(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def test_n_samples_average_the_losses_of_n_mask_draws(lab_model_dir, tmp_path):
+    batch = next(iter(sft_trainer(lab_model_dir, tmp_path / "data").get_train_dataloader()))
+    two = sft_trainer(lab_model_dir, tmp_path / "two", lora_dropout_p=0.3, lora_dropout_train_samples=2)
+    two.current_gradient_accumulation_steps = 1
+    two.model.train()
+    torch.manual_seed(1)
+    two.training_step(two.model, dict(batch))
+
+    one = sft_trainer(lab_model_dir, tmp_path / "one", lora_dropout_p=0.3)
+    one.model.train()
+    torch.manual_seed(1)  # the same two mask draws, by hand: (ℓ(m_1) + ℓ(m_2)) / 2
+    losses = [one.compute_loss(one.model, dict(batch)) for _ in range(2)]
+    (sum(losses) / 2).backward()
+    by_hand = lora_grads(one)
+    assert by_hand
+    for name, grad in lora_grads(two).items():
+        torch.testing.assert_close(grad, by_hand[name], rtol=1e-5, atol=1e-7)
+    one.model.zero_grad()
+    torch.manual_seed(1)
+    losses[0] = one.compute_loss(one.model, dict(batch))
+    losses[0].backward()  # a single draw is another gradient
+    assert any(not torch.allclose(g, by_hand[n]) for n, g in lora_grads(one).items())
+
+
+@pytest.mark.parametrize("trainer_name", ["sft", "rspo"])
+def test_masks_drop_whole_output_rows_in_a_training_step(lab_model_dir, tmp_path, trainer_name):
+    dropout = LoRADropoutConfig(lora_dropout_p=0.5)
+    if trainer_name == "sft":
+        trainer = sft_trainer(lab_model_dir, tmp_path, lora_dropout_p=0.5)
+    else:
+        torch.manual_seed(0)
+        trainer = with_lora_dropout(RSPOTrainer)(str(lab_model_dir), args=rspo_config(tmp_path),
+                                                 train_dataset=pairs(8), peft_config=lora(), lora_dropout=dropout)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    changed = {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters() if "lora_" in n}
+    b_updates = [update for name, update in changed.items() if "lora_B" in name]
+    # one step of AdamW: a dropped output row of B got a zero gradient, so only weight decay moved it (by ~lr·wd·B)
+    moved = torch.cat([update.abs().amax(dim=1) for update in b_updates])
+    frozen = moved < 1e-6
+    assert 0.3 < frozen.float().mean() < 0.7  # about p of the rows
+    assert trainer.state.global_step == 1 and any(update.abs().max() > 1e-5 for update in b_updates)
+
+
+def test_evaluation_can_use_the_test_time_ensemble(lab_model_dir, tmp_path):
+    ensemble = sft_trainer(lab_model_dir, tmp_path, lora_dropout_p=0.3, lora_dropout_eval_samples=4)
+    batch = next(iter(ensemble.get_eval_dataloader()))
+    ensemble.model.eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        loss = ensemble.compute_loss(ensemble.model, dict(batch))
+    torch.manual_seed(2)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad(), ensemble.lora_dropout.ensemble():  # by hand: −log of the mean of 4 masked softmaxes
+        probs = torch.stack([ensemble.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.softmax(-1)
+                             for _ in range(4)]).mean(0)
+    labels = inputs["labels"][:, 1:]
+    picked = probs[:, :-1].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = -(picked.log() * (labels != -100)).sum() / (labels != -100).sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(2)
+    _, direct = ensemble_forward(ensemble.model, ensemble.lora_dropout, 4, **inputs)
+    torch.testing.assert_close(direct, loss)
+
+    expected_model = sft_trainer(lab_model_dir, tmp_path / "plain", lora_dropout_p=0.3)  # one pass, (1−p)²·BA
+    assert abs(expected_model.evaluate()["eval_loss"] - ensemble.evaluate()["eval_loss"]) > 1e-4
