@@ -105,3 +105,39 @@ def test_evaluation_can_use_the_test_time_ensemble(lab_model_dir, tmp_path):
 
     expected_model = sft_trainer(lab_model_dir, tmp_path / "plain", lora_dropout_p=0.3)  # one pass, (1−p)²·BA
     assert abs(expected_model.evaluate()["eval_loss"] - ensemble.evaluate()["eval_loss"]) > 1e-4
+
+
+def test_ensemble_generation_averages_next_token_probabilities(lab_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmreg.lora_dropout import attach_lora_dropout, ensemble_generate
+
+    tokenizer = AutoTokenizer.from_pretrained(lab_model_dir, padding_side="left")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(lab_model_dir), lora()).eval()
+    texts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+             for row in arithmetic_dataset(3, split="test")]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    # p = 0: every mask keeps everything, the ensemble is the model itself, and greedy decoding matches generate().
+    identity = attach_lora_dropout(model, LoRADropoutConfig(lora_dropout_p=0.0))
+    ours = ensemble_generate(model, identity, 3, ids, mask, max_new_tokens=6, **special)
+    reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **special)
+    assert ours.shape[1] > ids.shape[1]
+    assert torch.equal(ours, reference[:, :ours.shape[1]])
+    identity.remove()
+
+    # p > 0: the next token is the argmax of the mean of N masked softmaxes.
+    dropout = attach_lora_dropout(model, LoRADropoutConfig(lora_dropout_p=0.5))
+    torch.manual_seed(3)
+    first = ensemble_generate(model, dropout, 8, ids, mask, max_new_tokens=1, **special)[:, -1]
+    torch.manual_seed(3)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), dropout.ensemble():
+        probs = torch.stack([model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                   use_cache=False).logits[:, -1].softmax(-1) for _ in range(8)])
+    assert torch.equal(first, probs.mean(0).argmax(-1))
+    assert probs.std(0).max() > 0  # the masks differed between the 8 passes

@@ -5,10 +5,11 @@ from llmreg.lora_dropout.lora_dropout import (
     LoRADropoutConfig,
     attach_lora_dropout,
     ensemble_forward,
+    ensemble_generate,
     merge_and_unload,
 )
 from llmreg.lora_dropout.lora_dropout_trainer import LoRADropoutMixin, with_lora_dropout
 
 
 __all__ = ["LoRADropout", "LoRADropoutConfig", "LoRADropoutMixin", "attach_lora_dropout", "ensemble_forward",
-           "merge_and_unload", "with_lora_dropout"]
+           "ensemble_generate", "merge_and_unload", "with_lora_dropout"]

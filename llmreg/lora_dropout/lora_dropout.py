@@ -168,6 +168,34 @@ def ensemble_forward(model, dropout: LoRADropout, num_samples: int, **inputs):
 
 
 @torch.no_grad()
+def ensemble_generate(model, dropout: LoRADropout, num_samples: int, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *, max_new_tokens: int, eos_token_id: int,
+                      pad_token_id: int, do_sample: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    """Generate with the test-time ensemble: at every step the next-token distribution is the mean over
+    ``num_samples`` masks (each from the full sequence, without a cache: N full forwards per token). Prompts are
+    left-padded; returns prompt and completion ids, finished rows padded with ``pad_token_id``."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        log_probs, _ = ensemble_forward(model, dropout, num_samples, input_ids=input_ids,
+                                        attention_mask=attention_mask, position_ids=position_ids)
+        next_log_probs = log_probs[:, -1]
+        if do_sample:
+            tokens = torch.multinomial((next_log_probs / temperature).softmax(-1), 1).squeeze(-1)
+        else:
+            tokens = next_log_probs.argmax(-1)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
+        input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        attention_mask = torch.cat([attention_mask, (~finished).long()[:, None]], dim=-1)
+        finished |= tokens == eos_token_id
+        if finished.all():
+            break
+    return input_ids
+
+
+@torch.no_grad()
 def merge_and_unload(model: PeftModel, dropout: LoRADropout):
     """Merge the adapter at its expectation, W0 + (1−p)²·s·B·A, detach LoRA Dropout, and return the base model."""
     keep = (1.0 - dropout.config.lora_dropout_p) ** 2
