@@ -13,9 +13,11 @@ import tempfile
 import torch
 from datasets import Dataset
 from harness import compare
+from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
+from llmreg.l1_penalty import with_l1_penalty
 from llmreg.lab import (
     arithmetic_dataset,
     arithmetic_reward,
@@ -23,6 +25,7 @@ from llmreg.lab import (
     safety_alignment_dataset,
     safety_harmful_dataset,
 )
+from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.spin import SPINConfig, SPINTrainer
@@ -172,9 +175,39 @@ def make_vaccine_case():
     return make_alignment_case(booster_lambda=0.0, vaccine_rho=2.0)
 
 
+def make_lora_case(trainer_cls, **extra):
+    """``trainer_cls`` with ``extra`` against SFTTrainer, both with the same LoRA adapter (r = 16 on every linear
+    layer) on the lab arithmetic task."""
+    model_dir = str(ensure_lab_model())
+    dataset = arithmetic_dataset(NUM_EXAMPLES)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def lora():
+        return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
+
+    def make_candidate():
+        return trainer_cls(model=model_dir, args=sft_config(), train_dataset=dataset, peft_config=lora(), **extra)
+
+    def make_baseline():
+        return SFTTrainer(model=model_dir, args=sft_config(), train_dataset=dataset, peft_config=lora())
+
+    return make_candidate, make_baseline
+
+
+def make_lora_dropout_case():
+    """LoRA Dropout (p = 0.1, N = 1: the masks' hooks) against plain LoRA."""
+    config = LoRADropoutConfig(lora_dropout_p=0.1, lora_dropout_train_samples=1)
+    return make_lora_case(with_lora_dropout(SFTTrainer), lora_dropout=config)
+
+
+def make_l1_case():
+    """The ℓ1 penalty (λ1 = 0.01 on the LoRA entries) against plain LoRA."""
+    return make_lora_case(with_l1_penalty(SFTTrainer), l1_lambda=0.01)
+
+
 CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case,
          "booster": make_booster_case, "booster_equal_passes": make_booster_equal_passes_case,
-         "vaccine": make_vaccine_case}
+         "vaccine": make_vaccine_case, "lora_dropout": make_lora_dropout_case, "l1": make_l1_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

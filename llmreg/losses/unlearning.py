@@ -14,4 +14,6 @@ def l1_penalty(tensors: list[torch.Tensor], lam: float) -> torch.Tensor:
     """λ·Σ|θ| over every entry of ``tensors`` (float32 or wider); differentiable, with gradient λ·sign(θ)."""
     if not tensors:
         raise ValueError("l1_penalty needs at least one tensor: are any parameters trainable?")
+    if len({t.dtype for t in tensors}) == 1:  # one concatenation: a few kernels instead of two per tensor
+        return lam * torch.cat([t.reshape(-1) for t in tensors]).abs().sum(dtype=torch.float32)
     return lam * sum(t.abs().sum(dtype=torch.float32) for t in tensors)
