@@ -5,14 +5,19 @@
 
 With LoRA the trainable parameters are the adapter's A and B, and the penalty is on their entries (CLEAR's "init"
 mode: a fresh adapter, so the penalty keeps it small). Without LoRA it is on θ − θ₀, the distance from the weights at
-the start of training (a copy of the trainable weights is kept). Added to the training loss once per optimizer step
-(its share per micro-batch), so gradient accumulation and data-parallel averaging leave its gradient λ1·sign(θ).
-Logged: ``l1/norm`` (Σ|θ| or Σ|θ − θ₀|) and ``l1/penalty`` (λ1 times it).
+the start of training (a copy of the trainable weights is kept). Its gradient λ1·sign(θ) joins the backward of each
+optimizer step's last micro-batch, so gradient accumulation and data-parallel averaging leave it λ1·sign(θ), under
+DDP and DeepSpeed ZeRO-2/3 alike (ZeRO-3 gathers the adapter to read its signs). The logged training loss is the
+task's; the penalty is logged apart: ``l1/norm`` (Σ|θ| or Σ|θ − θ₀|) and ``l1/penalty`` (λ1 times it).
 """
 
+import contextlib
+
+import torch
 from peft import PeftModel
 
 from llmreg.losses.unlearning import l1_penalty
+from llmreg.trainer_utils import gradients_added_in_backward, is_zero3
 
 
 class L1PenaltyMixin:
@@ -24,31 +29,35 @@ class L1PenaltyMixin:
         super().__init__(*args, **kwargs)
         self.l1_lambda = l1_lambda
         self._l1_params = [p for p in self.model.parameters() if p.requires_grad]
-        # Full fine-tuning: the penalty is on the distance from the starting weights, not on the weights themselves.
-        self._l1_origin = None if isinstance(self.model, PeftModel) else [p.detach().clone() for p in self._l1_params]
+        self._l1_origin = None
+        if not isinstance(self.model, PeftModel):  # full fine-tuning: the distance from the starting weights
+            if is_zero3(self.accelerator):
+                raise ValueError("The ℓ1 penalty of full fine-tuning (on θ − θ₀) keeps a copy of the starting "
+                                 "weights, which ZeRO-3 shards; use it with a LoRA adapter under ZeRO-3.")
+            self._l1_origin = [p.detach().clone() for p in self._l1_params]
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
-        if self.l1_lambda == 0 or not model.training:
-            return result
-        tensors = self._l1_params if self._l1_origin is None else [
-            p - origin for p, origin in zip(self._l1_params, self._l1_origin)]
-        norm = l1_penalty(tensors, 1.0)
-        # The Trainer divides a loss by the accumulation steps unless the loss is already a share of the step's
-        # global token mean (its own test, below); either way the penalty must total λ1·‖θ‖₁ per optimizer step.
-        scaled_for_accumulation = self.loss_is_scaled_for_ga
-        if scaled_for_accumulation is None:
-            scaled_for_accumulation = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                self.compute_loss_func is not None)
-        share = 1.0 / self.current_gradient_accumulation_steps if scaled_for_accumulation else 1.0
-        penalty = self.l1_lambda * norm * share
-        self._metrics["train"]["l1/norm"].append(norm.item())
-        self._metrics["train"]["l1/penalty"].append(self.l1_lambda * norm.item())
-        if return_outputs:
-            loss, outputs = result
-            return loss + penalty, outputs
-        return result + penalty
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # λ1·sign(θ) is added once per optimizer step, at its last micro-batch, through the gradient hooks that
+        # carry Booster's gradient too: it reaches .grad whoever owns it (DDP, ZeRO-2/3) and is averaged like the
+        # loss's gradient, identical on every process.
+        if self.l1_lambda == 0 or not self.accelerator.sync_gradients:
+            return super().training_step(model, inputs, num_items_in_batch)
+        gathered = deepspeed_gathered(self._l1_params) if is_zero3(self.accelerator) else contextlib.nullcontext()
+        with gathered, torch.no_grad():
+            tensors = self._l1_params if self._l1_origin is None else [
+                p - origin for p, origin in zip(self._l1_params, self._l1_origin)]
+            norm = l1_penalty(tensors, 1.0).item()
+            extras = [self.l1_lambda * torch.sign(t) for t in tensors]
+        self._metrics["train"]["l1/norm"].append(norm)
+        self._metrics["train"]["l1/penalty"].append(self.l1_lambda * norm)
+        with gradients_added_in_backward(self._l1_params, extras, "The ℓ1 penalty's gradient"):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+
+def deepspeed_gathered(params):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)  # read-only: every process holds the full values meanwhile
 
 
 def with_l1_penalty(trainer_class: type) -> type:

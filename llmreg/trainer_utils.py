@@ -119,6 +119,36 @@ def replace_directory(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
+@contextmanager
+def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[torch.Tensor], what: str):
+    """Add ``extras[i]`` to the gradient of ``params[i]`` in the backward run inside the block, once, through hooks
+    on the parameters: the addition reaches ``.grad`` the way the loss's own gradient does, whoever owns ``.grad``
+    (plain PyTorch, DDP's buckets, DeepSpeed ZeRO-2/3's partitions), and is averaged over processes with it. Raises
+    if a parameter got no gradient in that backward (the loss does not reach it), naming ``what`` was lost."""
+    pending = dict(enumerate(extras))
+
+    def add_once(index):
+        def hook(grad):
+            extra = pending.pop(index, None)  # once: a re-entrant checkpoint may fire the hook again
+            return grad if extra is None else grad + extra.to(grad.dtype)
+        return hook
+
+    handles = [p.register_hook(add_once(i)) for i, p in enumerate(params)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+    if pending:
+        raise RuntimeError(f"{what} could not be added to {len(pending)} trainable parameters: the loss does not "
+                           "reach them, so no gradient flows into them in its backward. Freeze those parameters "
+                           "(requires_grad=False).")
+
+
+def is_zero3(accelerator) -> bool:
+    return accelerator.distributed_type == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
 def reset_accelerator_state() -> None:
     """Let the next Trainer build its own ``Accelerator``: a script that trains one model after another under DeepSpeed
     (the FTaaS pipeline's stages) otherwise fails, as accelerate refuses a second DeepSpeed plugin. The process group

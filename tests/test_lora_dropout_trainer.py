@@ -141,3 +141,47 @@ def test_ensemble_generation_averages_next_token_probabilities(lab_model_dir):
                                    use_cache=False).logits[:, -1].softmax(-1) for _ in range(8)])
     assert torch.equal(first, probs.mean(0).argmax(-1))
     assert probs.std(0).max() > 0  # the masks differed between the 8 passes
+
+
+def test_activation_checkpointing_recomputes_the_same_masks(lab_model_dir, tmp_path):
+    # Checkpointing reruns each layer's forward in the backward, replaying torch's generator: each mask is drawn
+    # from it when its module runs, so the rerun draws the same masks and the gradients are those of the real step.
+    grads = []
+    for checkpointing in (False, True):
+        trainer = sft_trainer(lab_model_dir, tmp_path / str(checkpointing), lora_dropout_p=0.5,
+                              lora_dropout_train_samples=2)
+        if checkpointing:
+            trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            trainer.model.enable_input_require_grads()
+        trainer.current_gradient_accumulation_steps = 1
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        torch.manual_seed(4)
+        trainer.training_step(trainer.model, batch)
+        grads.append(lora_grads(trainer))
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["multi_process.yaml", "deepspeed_zero3.yaml"])
+def test_lora_dropout_trains_under_ddp_and_zero3(lab_model_dir, tmp_path, config):
+    # Each process draws its own masks, so the update is not one process's; what must hold: it trains, the adapter
+    # is saved whole (ZeRO-3 gathers it), and with p = 0.5 some of B's output rows were dropped in the first step.
+    import json
+
+    from safetensors.torch import load_file
+    from test_recipes import REPO, launch
+
+    launch(config, REPO / "tests" / "scripts" / "lora_regularizers_step.py", "--output_dir", str(tmp_path),
+           "--per_device_train_batch_size", "4", "--lora_dropout_p", "0.5", "--lora_dropout_train_samples", "2",
+           "--l1_lambda", "0.01", "--max_steps", "1")
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    b_rows = torch.cat([value.abs().amax(dim=1) for name, value in adapter.items() if "lora_B" in name])
+    # PEFT starts B at 0 and ℓ1's sign(0) is 0: after one SGD step a row of B is non-zero iff some process kept it.
+    assert 0.1 < (b_rows == 0).float().mean() < 0.5  # about p² of the rows dropped on both processes
+    losses = [e["loss"] for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+              if "loss" in e]
+    assert len(losses) == 1 and 0 < losses[0] < 100

@@ -17,6 +17,7 @@ from llmreg.trainer_utils import check_dataset_columns
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 import booster
 import ftaas
+import lora_dropout
 import rpg
 import rspo
 import sft
@@ -117,7 +118,7 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
 
 @pytest.mark.parametrize(("recipe", "config"), [
     (sft, "sft.yaml"), (rpg, "rpg_lab.yaml"), (rspo, "rspo_lab.yaml"), (spin, "spin_lab.yaml"),
-    (booster, "booster_lab.yaml"), (ftaas, "ftaas_lab.yaml"),
+    (booster, "booster_lab.yaml"), (ftaas, "ftaas_lab.yaml"), (lora_dropout, "lora_dropout_lab.yaml"),
 ])
 def test_no_arguments_run_what_the_shipped_lab_config_spells_out(recipe, config):
     path = str(Path(__file__).parents[1] / "recipes" / "configs" / config)

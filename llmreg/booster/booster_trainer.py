@@ -30,7 +30,7 @@ from trl import SFTTrainer
 
 from llmreg.booster.booster_config import BoosterConfig
 from llmreg.losses.booster import global_norm, perturbation, regularizer_gradient
-from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns
+from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns, gradients_added_in_backward, is_zero3
 
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class BoosterTrainer(SFTTrainer):
         return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def _is_zero3(self) -> bool:
-        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return is_zero3(self.accelerator)
 
     def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``torch.autograd.grad``: the gradients are returned, ``.grad`` (and DeepSpeed's buffers) untouched."""
@@ -243,30 +243,11 @@ class BoosterTrainer(SFTTrainer):
         # The parameters are the same for every micro-batch of an optimizer step, so Booster's gradient is computed
         # once, at the last one (where DDP and DeepSpeed reduce), and enters that micro-batch's backward through
         # gradient hooks: it reaches .grad the way the loss's gradient does, whoever owns .grad (DDP, ZeRO-2/3).
-        handles = []
+        booster_gradient = contextlib.nullcontext()
         if self.args.booster_lambda > 0 and self.accelerator.sync_gradients:
-            params, extras = self._booster_gradient(model)
-            pending = dict(enumerate(extras))
-
-            def add_once(index):
-                def hook(grad):
-                    extra = pending.pop(index, None)  # once: a re-entrant checkpoint may fire it again
-                    return grad if extra is None else grad + extra.to(grad.dtype)
-                return hook
-
-            handles = [p.register_hook(add_once(i)) for i, p in enumerate(params)]
-        try:
-            with hidden_perturbation:
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if handles and pending:
-            names = [n for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-            raise RuntimeError(f"Booster's gradient could not be added to {[names[i] for i in pending]}: the "
-                               "alignment loss does not reach them, so no gradient flows into them in its backward. "
-                               "Freeze those parameters (requires_grad=False).")
-        return loss
+            booster_gradient = gradients_added_in_backward(*self._booster_gradient(model), "Booster's gradient")
+        with booster_gradient, hidden_perturbation:
+            return super().training_step(model, inputs, num_items_in_batch)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -10,7 +10,12 @@ Nothing here trains with a Trainer or imports one: recipes and tests ask the lab
 from llmreg.lab.arithmetic import arithmetic_dataset, arithmetic_reward, extract_answer, is_correct
 from llmreg.lab.corpus import corpus_dataset, heldout_loss
 from llmreg.lab.datasets import LAB_DATASETS, load_lab_dataset
-from llmreg.lab.evaluate import arithmetic_accuracy, evaluate_lab_model, generate_completions
+from llmreg.lab.evaluate import (
+    arithmetic_accuracy,
+    evaluate_lab_model,
+    expected_calibration_error,
+    generate_completions,
+)
 from llmreg.lab.facts import fact_is_correct, facts_accuracy, facts_dataset
 from llmreg.lab.model import (
     LAB_MODEL_ID,
@@ -46,6 +51,7 @@ __all__ = [
     "corpus_dataset",
     "ensure_lab_model",
     "evaluate_lab_model",
+    "expected_calibration_error",
     "extract_answer",
     "fact_is_correct",
     "facts_accuracy",

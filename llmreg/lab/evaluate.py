@@ -65,3 +65,19 @@ def evaluate_lab_model(model, tokenizer, num_samples: int = 200, seed: int = 0,
         "corpus_heldout_loss": heldout_loss(model, tokenizer, corpus["text"], show_progress=show_progress),
         "corpus_heldout_loss_chance": math.log(len(tokenizer)),
     }
+
+
+def expected_calibration_error(confidences, correct, bins: int = 10) -> float:
+    """ECE (%): the mean over equal-width confidence bins of |accuracy − mean confidence|, weighted by the bins'
+    shares of the predictions (Guo et al. 2017)."""
+    confidences = torch.as_tensor(confidences, dtype=torch.float64)
+    correct = torch.as_tensor(correct, dtype=torch.float64)
+    if confidences.numel() == 0 or confidences.shape != correct.shape:
+        raise ValueError("expected_calibration_error needs as many confidences as correctness flags, at least one.")
+    which = torch.clamp((confidences * bins).long(), max=bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.double().mean() * (correct[members].mean() - confidences[members].mean()).abs()
+    return 100.0 * float(error)

@@ -4,6 +4,7 @@ from llmreg.lora_dropout.lora_dropout import (
     LoRADropout,
     LoRADropoutConfig,
     attach_lora_dropout,
+    choice_probabilities,
     ensemble_forward,
     ensemble_generate,
     merge_and_unload,
@@ -11,5 +12,6 @@ from llmreg.lora_dropout.lora_dropout import (
 from llmreg.lora_dropout.lora_dropout_trainer import LoRADropoutMixin, with_lora_dropout
 
 
-__all__ = ["LoRADropout", "LoRADropoutConfig", "LoRADropoutMixin", "attach_lora_dropout", "ensemble_forward",
+__all__ = ["LoRADropout", "LoRADropoutConfig", "LoRADropoutMixin", "attach_lora_dropout", "choice_probabilities",
+           "ensemble_forward",
            "ensemble_generate", "merge_and_unload", "with_lora_dropout"]

@@ -180,6 +180,46 @@ def ensemble_forward(model, dropout: LoRADropout, num_samples: int, **inputs):
 
 
 @torch.no_grad()
+def choice_probabilities(model, tokenizer, prompts: list, choices: list[str], dropout: LoRADropout | None = None,
+                         num_samples: int = 0, batch_size: int = 64) -> torch.Tensor:
+    """Classification by a language model: P(choice | prompt) over ``choices`` (answer texts) for each conversational
+    prompt, from the log-likelihood of each answer, normalized over the choices. With ``num_samples`` > 0 and LoRA
+    Dropout, the test-time ensemble: the mean of those probabilities over ``num_samples`` masks (one per forward,
+    shared by the batch's rows); otherwise one pass of the model as it is (in eval mode, the expected adapter)."""
+    model.eval()
+    rows = []  # (prompt index, choice index, token ids, prompt length)
+    for i, prompt in enumerate(prompts):
+        prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        for j, choice in enumerate(choices):
+            text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": choice}], tokenize=False)
+            rows.append((i, j, tokenizer(text, add_special_tokens=False)["input_ids"], len(prefix_ids)))
+    draws = max(num_samples, 1)
+    scores = torch.zeros(draws, len(prompts), len(choices), dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for _, _, ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        answer = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for k, (_, _, row_ids, prefix_length) in enumerate(chunk):  # right padding: positions start at 0
+            ids[k, :len(row_ids)] = torch.tensor(row_ids)
+            answer[k, prefix_length:len(row_ids)] = True
+        mask = (torch.arange(width)[None] < torch.tensor([len(r[2]) for r in chunk])[:, None]).long()
+        ids, answer, mask = ids.to(model.device), answer.to(model.device), mask.to(model.device)
+        for draw in range(draws):
+            if num_samples > 0:
+                with dropout.ensemble():
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            token_logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            totals = (token_logps * answer[:, 1:]).sum(-1).double().cpu()
+            for k, (i, j, _, _) in enumerate(chunk):
+                scores[draw, i, j] = totals[k]
+    return scores.softmax(-1).mean(0).float()
+
+
+@torch.no_grad()
 def ensemble_generate(model, dropout: LoRADropout, num_samples: int, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *, max_new_tokens: int, eos_token_id: int,
                       pad_token_id: int, do_sample: bool = False, temperature: float = 1.0) -> torch.Tensor:
