@@ -185,3 +185,45 @@ def test_lora_dropout_trains_under_ddp_and_zero3(lab_model_dir, tmp_path, config
     losses = [e["loss"] for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
               if "loss" in e]
     assert len(losses) == 1 and 0 < losses[0] < 100
+
+
+def test_choice_probabilities_normalize_answer_likelihoods_and_the_ensemble_averages_them(lab_model_dir):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmreg.lab import sentiment_dataset
+    from llmreg.lora_dropout import attach_lora_dropout, choice_probabilities
+
+    tokenizer = AutoTokenizer.from_pretrained(lab_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(lab_model_dir), lora()).eval()
+    prompts = list(sentiment_dataset(3, split="test")["prompt"])
+    choices = ["positive", "negative"]
+    dropout = attach_lora_dropout(model, LoRADropoutConfig(lora_dropout_p=0.3))
+    single = choice_probabilities(model, tokenizer, prompts, choices)
+
+    def answer_logp(prompt, choice):  # one unpadded sequence, by hand
+        prefix = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": choice}], tokenize=False)
+        start = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        return logps[start - 1:].sum()
+
+    for i, prompt in enumerate(prompts):
+        expected = torch.stack([answer_logp(prompt, c) for c in choices]).softmax(-1)
+        torch.testing.assert_close(single[i], expected, rtol=1e-4, atol=1e-5)
+    ensemble = choice_probabilities(model, tokenizer, prompts, choices, dropout, num_samples=8)
+    torch.testing.assert_close(ensemble.sum(-1), torch.ones(3))
+    assert (ensemble - single).abs().max() > 1e-4
+
+
+def test_expected_calibration_error_by_hand():
+    from llmreg.lab import expected_calibration_error
+
+    # one prediction per bin: the mean of |correct − confidence| = (0.1 + 0.8 + 0.3 + 0.4) / 4
+    assert expected_calibration_error([0.9, 0.8, 0.3, 0.6], [1, 0, 0, 1]) == pytest.approx(40.0)
+    # two in the top bin: |0.5 − 0.93|
+    assert expected_calibration_error([0.91, 0.95], [True, False]) == pytest.approx(43.0)
+    assert expected_calibration_error([1.0, 1.0], [1, 1]) == pytest.approx(0.0)
