@@ -5,9 +5,10 @@
 
 With LoRA the trainable parameters are the adapter's A and B, and the penalty is on their entries (CLEAR's "init"
 mode: a fresh adapter, so the penalty keeps it small). Without LoRA it is on θ − θ₀, the distance from the weights at
-the start of training (a copy of the trainable weights is kept). Its gradient λ1·sign(θ) joins the backward of each
-optimizer step's last micro-batch, so gradient accumulation and data-parallel averaging leave it λ1·sign(θ), under
-DDP and DeepSpeed ZeRO-2/3 alike (ZeRO-3 gathers the adapter to read its signs). The logged training loss is the
+the start of training (a copy of the trainable weights is kept). Its gradient λ1·sign(θ) is added once per optimizer
+step, after the last micro-batch's backward (under DeepSpeed, inside it, through parameter hooks), so gradient
+accumulation and data-parallel averaging leave it λ1·sign(θ), under DDP and DeepSpeed ZeRO-2/3 alike (ZeRO-3 gathers
+the adapter to read its signs). The logged training loss is the
 task's; the penalty is logged apart: ``l1/norm`` (Σ|θ| or Σ|θ − θ₀|) and ``l1/penalty`` (λ1 times it).
 """
 
@@ -37,21 +38,30 @@ class L1PenaltyMixin:
             self._l1_origin = [p.detach().clone() for p in self._l1_params]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # λ1·sign(θ) is added once per optimizer step, at its last micro-batch, through the gradient hooks that
-        # carry Booster's gradient too: it reaches .grad whoever owns it (DDP, ZeRO-2/3) and is averaged like the
-        # loss's gradient, identical on every process.
+        # λ1·sign(θ) is added once per optimizer step, at its last micro-batch, identical on every process. Without
+        # DeepSpeed it goes straight into the synchronized .grad after that micro-batch's backward; DeepSpeed owns
+        # .grad, so there it joins the backward through the gradient hooks that carry Booster's gradient too.
         if self.l1_lambda == 0 or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
         gathered = deepspeed_gathered(self._l1_params) if is_zero3(self.accelerator) else contextlib.nullcontext()
         with gathered, torch.no_grad():
             tensors = self._l1_params if self._l1_origin is None else [
                 p - origin for p, origin in zip(self._l1_params, self._l1_origin)]
-            norm = l1_penalty(tensors, 1.0).item()
-            extras = [self.l1_lambda * torch.sign(t) for t in tensors]
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            norm = l1_penalty([flat], 1.0).item()
+            extras = [chunk.view_as(t) for chunk, t in zip((self.l1_lambda * flat.sign()).split(
+                [t.numel() for t in tensors]), tensors)]
         self._metrics["train"]["l1/norm"].append(norm)
         self._metrics["train"]["l1/penalty"].append(self.l1_lambda * norm)
-        with gradients_added_in_backward(self._l1_params, extras, "The ℓ1 penalty's gradient"):
-            return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled:
+            with gradients_added_in_backward(self._l1_params, extras, "The ℓ1 penalty's gradient"):
+                return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if any(p.grad is None for p in self._l1_params):
+            raise RuntimeError("The ℓ1 penalty's gradient could not be added: some trainable parameters got no "
+                               "gradient from the loss. Freeze those parameters (requires_grad=False).")
+        torch._foreach_add_([p.grad for p in self._l1_params], extras)
+        return loss
 
 
 def deepspeed_gathered(params):

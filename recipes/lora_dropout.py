@@ -24,7 +24,7 @@ from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_i
 
 @dataclass
 class LoRADropoutScriptArguments(ScriptArguments):
-    num_train_samples: int = field(default=48, metadata={"help": "Training rows: few, so that LoRA overfits."})
+    num_train_samples: int = field(default=16, metadata={"help": "Training rows: few, so that LoRA overfits."})
     num_eval_samples: int = field(default=200, metadata={"help": "Held-out rows (the test split)."})
     label_choices: list[str] = field(
         default_factory=lambda: ["positive", "negative"],
@@ -92,7 +92,7 @@ def make_parser():
         lora_dropout_p=0.2,
         lora_dropout_train_samples=2,
         lora_dropout_eval_samples=8,
-        num_train_epochs=30,
+        num_train_epochs=60,
         per_device_train_batch_size=8,
         learning_rate=1e-3,
         max_length=64,

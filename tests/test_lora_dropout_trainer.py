@@ -227,3 +227,20 @@ def test_expected_calibration_error_by_hand():
     # two in the top bin: |0.5 − 0.93|
     assert expected_calibration_error([0.91, 0.95], [True, False]) == pytest.approx(43.0)
     assert expected_calibration_error([1.0, 1.0], [1, 1]) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_the_recipe_compares_lora_with_lora_dropout_with_and_without_the_ensemble(lab_model_dir, tmp_path):
+    import json
+
+    from test_recipes import REPO, launch
+
+    launch("single_process.yaml", REPO / "recipes" / "lora_dropout.py", "--output_dir", str(tmp_path),
+           "--num_train_epochs", "2", "--num_eval_samples", "16", "--lora_dropout_eval_samples", "2")
+    rows = json.loads((tmp_path / "lora_dropout_results.json").read_text())
+    assert [(row["model"], row["ensemble"]) for row in rows] == [
+        ("LoRA", 0), ("LoRA Dropout (p = 0.2)", 0), ("LoRA Dropout (p = 0.2)", 2)]
+    assert all(0 < row["heldout_loss"] < 10 and 0 <= row["accuracy"] <= 100 and 0 <= row["ece"] <= 100
+               for row in rows)
+    assert rows[1]["heldout_loss"] != rows[0]["heldout_loss"]  # the masks changed the training
+    assert "| LoRA Dropout (p = 0.2) | 2 |" in (tmp_path / "lora_dropout_results.md").read_text()
