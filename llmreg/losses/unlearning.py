@@ -1,6 +1,20 @@
-"""Losses of LLM unlearning (Dontsov et al. 2025, "CLEAR", arXiv 2410.18057), on tensors.
+"""Losses of LLM unlearning, on tensors (the objectives CLEAR compares, Dontsov et al. 2025, arXiv 2410.18057 §2 and
+its code; NPO and DPO in their standard forms, which the reference code does not implement).
 
-So far: the ℓ1 penalty of CLEAR's §3 on the trainable parameters (the entries of an unlearning LoRA's A and B):
+Notation: F is the forget batch, R the retain batch; π the model being unlearned, π0 the frozen original (the
+"teacher": in llmreg, the same model with the unlearning adapter disabled). CE is the token-mean cross-entropy of the
+answers (``nll``); sequence log-probs are sums over each answer's tokens (``llmreg.losses.selfplay.sequence_logps``).
+
+    GA     −CE_F                                              (gradient ascent)
+    GD     −β·CE_F + CE_R                                     (gradient difference)
+    KL     −CE_F + KL_R(π0‖π)                                 (token-wise over the vocabulary)
+    IDK    CE_R + CE(forget question → "I don't know" answer)
+    NPO    (2/β)·mean_F log(1 + (π(y|x)/π0(y|x))^β)           (Zhang et al. 2024, sequence likelihoods)
+    DPO    −log σ(β·[(log π(y_idk) − log π(y_f)) − (log π0(y_idk) − log π0(y_f))]), preferred = the IDK answer
+    SCRUB  −β·KL_F(π‖π0) + KL_R(π‖π0) + CE_R                 (one combined step; reverse KL, as SCRUB)
+    RMU    β·MSE(mean_t h_F, u) + MSE(h_R, h_R^{π0})           (hidden states of one layer; u a fixed random vector)
+
+and the ℓ1 penalty of CLEAR §3 on the trainable parameters (the entries of an unlearning LoRA's A and B):
 
     L_total = L_unlearn + λ1·Σ_θ |θ|,    ∂/∂θ = λ1·sign(θ)   (sign(0) = 0)
 
@@ -8,6 +22,70 @@ The penalty is on the entries, not on ΔW = B·A, and is not normalized per modu
 """
 
 import torch
+import torch.nn.functional as F
+
+from llmreg.losses.aggregation import aggregate
+
+
+def nll(token_logps: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | float | None = None) -> torch.Tensor:
+    """CE: the token mean of −log π over the answer tokens (``mask``), normalized by ``num_items`` when given."""
+    return aggregate(-token_logps, mask, "token-mean", num_items)
+
+
+def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary."""
+    log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return aggregate(per_token, mask, "token-mean")
+
+
+def ga_loss(forget_nll: torch.Tensor) -> torch.Tensor:
+    return -forget_nll
+
+
+def gd_loss(forget_nll: torch.Tensor, retain_nll: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    return -beta * forget_nll + retain_nll
+
+
+def kl_loss(forget_nll: torch.Tensor, retain_kl_teacher_to_model: torch.Tensor) -> torch.Tensor:
+    """−CE_F + KL_R(π0‖π): pass ``vocab_kl(teacher_logits, model_logits, retain_mask)``."""
+    return -forget_nll + retain_kl_teacher_to_model
+
+
+def idk_loss(idk_nll: torch.Tensor, retain_nll: torch.Tensor) -> torch.Tensor:
+    return idk_nll + retain_nll
+
+
+def npo_loss(forget_logps: torch.Tensor, teacher_forget_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """(2/β)·mean log(1 + (π/π0)^β) over the forget sequences = (2/β)·mean softplus(β·(log π − log π0)). Its
+    gradient is GA's, −∇log π, weighted by 2σ(β·(log π − log π0)): it fades as π falls below π0."""
+    return (2.0 / beta) * F.softplus(beta * (forget_logps - teacher_forget_logps)).mean()
+
+
+def dpo_unlearning_loss(idk_logps: torch.Tensor, forget_logps: torch.Tensor, teacher_idk_logps: torch.Tensor,
+                        teacher_forget_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """The real DPO loss with the IDK answer preferred over the true forget answer (sequence log-probs)."""
+    margin = (idk_logps - forget_logps) - (teacher_idk_logps - teacher_forget_logps)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def scrub_loss(forget_kl_model_to_teacher: torch.Tensor, retain_kl_model_to_teacher: torch.Tensor,
+               retain_nll: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """−β·KL_F(π‖π0) + KL_R(π‖π0) + CE_R: pass ``vocab_kl(model_logits, teacher_logits, mask)`` for both KLs."""
+    return -beta * forget_kl_model_to_teacher + retain_kl_model_to_teacher + retain_nll
+
+
+def rmu_loss(forget_hidden: torch.Tensor, forget_mask: torch.Tensor, control: torch.Tensor,
+             retain_hidden: torch.Tensor, teacher_retain_hidden: torch.Tensor, retain_mask: torch.Tensor,
+             beta: float = 1.0) -> torch.Tensor:
+    """β·MSE(mean_t h_F, u) + MSE(h_R, h_R^{π0}), as CLEAR's code: the forget term averages each sequence's hidden
+    states over its tokens first, then the squared error to the control vector u (mean over sequences and
+    dimensions); the retain term is the token mean over ``retain_mask`` of the mean squared difference."""
+    weights = forget_mask.unsqueeze(-1).to(forget_hidden.dtype)
+    mean_forget = (forget_hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    forget_term = (mean_forget - control).square().mean()
+    retain_term = aggregate((retain_hidden - teacher_retain_hidden).square().mean(-1), retain_mask, "token-mean")
+    return beta * forget_term + retain_term
 
 
 def l1_penalty(tensors: list[torch.Tensor], lam: float) -> torch.Tensor:
