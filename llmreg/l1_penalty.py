@@ -12,13 +12,11 @@ the adapter to read its signs). The logged training loss is the
 task's; the penalty is logged apart: ``l1/norm`` (Σ|θ| or Σ|θ − θ₀|) and ``l1/penalty`` (λ1 times it).
 """
 
-import contextlib
-
 import torch
 from peft import PeftModel
 
 from llmreg.losses.unlearning import l1_penalty
-from llmreg.trainer_utils import gradients_added_in_backward, is_zero3
+from llmreg.trainer_utils import gathered_parameters, gradients_added_in_backward, is_zero3
 
 
 class L1PenaltyMixin:
@@ -43,8 +41,7 @@ class L1PenaltyMixin:
         # .grad, so there it joins the backward through the gradient hooks that carry Booster's gradient too.
         if self.l1_lambda == 0 or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
-        gathered = deepspeed_gathered(self._l1_params) if is_zero3(self.accelerator) else contextlib.nullcontext()
-        with gathered, torch.no_grad():
+        with gathered_parameters(self.accelerator, self._l1_params), torch.no_grad():  # read-only under ZeRO-3
             tensors = self._l1_params if self._l1_origin is None else [
                 p - origin for p, origin in zip(self._l1_params, self._l1_origin)]
             flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -62,12 +59,6 @@ class L1PenaltyMixin:
                                "gradient from the loss. Freeze those parameters (requires_grad=False).")
         torch._foreach_add_([p.grad for p in self._l1_params], extras)
         return loss
-
-
-def deepspeed_gathered(params):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)  # read-only: every process holds the full values meanwhile
 
 
 def with_l1_penalty(trainer_class: type) -> type:

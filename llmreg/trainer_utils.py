@@ -1,6 +1,7 @@
 """What llmreg's trainers and recipes need alike: dataset column checks, DeepSpeed-on-CPU initialization, option
 checks for trainers that replace a TRL loss, and importing functions named on the command line."""
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -149,6 +150,16 @@ def is_zero3(accelerator) -> bool:
     return accelerator.distributed_type == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
+def gathered_parameters(accelerator, params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+    """Under ZeRO-3, a context in which ``params`` hold their full values on every process (with ``modifier_rank``,
+    that process's in-place changes are kept and shared on exit); elsewhere the parameters are whole already."""
+    if not is_zero3(accelerator):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 def reset_accelerator_state() -> None:
     """Let the next Trainer build its own ``Accelerator``: a script that trains one model after another under DeepSpeed
     (the FTaaS pipeline's stages) otherwise fails, as accelerate refuses a second DeepSpeed plugin. The process group
@@ -158,22 +169,38 @@ def reset_accelerator_state() -> None:
     AcceleratorState._reset_state()
 
 
-def save_whole_model(trainer, final: Path, merge_adapter: bool) -> None:
-    """Save the trained model to ``final`` atomically, as a whole model: with ``merge_adapter``, its LoRA adapter is
-    merged into the base first, so that the next stage can load it (or put a fresh adapter on it) like any model.
-
-    Every process must call it (``save_model`` gathers sharded weights); the main process merges and renames.
-    """
+def save_trained_model(trainer, final: Path) -> None:
+    """Save the trainer's model (a LoRA adapter, or the whole model) and tokenizer to ``final`` atomically. Every
+    process must call it (``save_model`` gathers sharded weights); the main process renames."""
     temporary = final.with_name(final.name + ".tmp")
     trainer.save_model(str(temporary))
     if trainer.accelerator.is_main_process:
-        if merge_adapter:
-            from peft import AutoPeftModelForCausalLM
-
-            with without_zero3():
-                merged = AutoPeftModelForCausalLM.from_pretrained(str(temporary)).merge_and_unload()
-                shutil.rmtree(temporary)
-                merged.save_pretrained(temporary)
-                trainer.processing_class.save_pretrained(temporary)
         replace_directory(temporary, final)
+    trainer.accelerator.wait_for_everyone()
+
+
+def merge_saved_adapter(adapter: Path, final: Path, tokenizer) -> None:
+    """Merge the LoRA adapter saved in ``adapter`` into its base and save the whole model to ``final`` atomically.
+    Main process only."""
+    from peft import AutoPeftModelForCausalLM
+
+    temporary = final.with_name(final.name + ".tmp")
+    with without_zero3():
+        AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload().save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    replace_directory(temporary, final)
+
+
+def save_whole_model(trainer, final: Path, merge_adapter: bool) -> None:
+    """Save the trained model to ``final`` atomically, as a whole model: with ``merge_adapter``, its LoRA adapter is
+    merged into the base first, so that the next stage can load it (or put a fresh adapter on it) like any model.
+    Every process must call it."""
+    if not merge_adapter:
+        save_trained_model(trainer, final)
+        return
+    adapter = final.with_name(final.name + ".adapter")
+    save_trained_model(trainer, adapter)
+    if trainer.accelerator.is_main_process:
+        merge_saved_adapter(adapter, final, trainer.processing_class)
+        shutil.rmtree(adapter)
     trainer.accelerator.wait_for_everyone()

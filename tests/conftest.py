@@ -16,3 +16,15 @@ def lab_model_dir():
     from llmreg.lab import ensure_lab_model
 
     return ensure_lab_model(show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small CPU trainings (``pytestmark = pytest.mark.usefixtures(...)``): the lab
+    model is tiny, so two OpenMP threads gain nothing and slow every op many-fold when the cores are busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,12 +17,7 @@ from llmreg.lab import safety_alignment_dataset, safety_harmful_dataset
 from llmreg.losses.booster import global_norm, perturbation, regularizer_gradient
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the math --------------------------------------------------------------------------------------------------------

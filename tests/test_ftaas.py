@@ -14,12 +14,7 @@ from llmreg.ftaas import pipeline as ftaas_pipeline
 from llmreg.lab import safety_alignment_dataset, safety_eval_prompts, safety_harmful_dataset, sentiment_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_pipeline(lab_model_dir, tmp_path, vaccine_rho=0.0, **overrides):

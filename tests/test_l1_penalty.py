@@ -11,12 +11,7 @@ from llmreg.lab import arithmetic_dataset
 from llmreg.losses.unlearning import l1_penalty
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_hand_value_and_gradient():

@@ -12,12 +12,7 @@ from llmreg.lora_dropout import LoRADropoutConfig, ensemble_forward, with_lora_d
 from llmreg.rspo import RSPOTrainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lora() -> LoraConfig:

@@ -23,13 +23,7 @@ from llmreg.preference_utils import PrecomputedColumnsDPOTrainer
 from llmreg.spin import SPINConfig, SPINTrainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The lab model is tiny: two OpenMP threads gain nothing and slow every op 100-fold when the cores are busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

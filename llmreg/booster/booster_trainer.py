@@ -30,7 +30,13 @@ from trl import SFTTrainer
 
 from llmreg.booster.booster_config import BoosterConfig
 from llmreg.losses.booster import global_norm, perturbation, regularizer_gradient
-from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns, gradients_added_in_backward, is_zero3
+from llmreg.trainer_utils import (
+    SFT_FORMATS,
+    check_dataset_columns,
+    gathered_parameters,
+    gradients_added_in_backward,
+    is_zero3,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -108,13 +114,10 @@ class BoosterTrainer(SFTTrainer):
         flat = self.accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="sum")
         return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
-    def _is_zero3(self) -> bool:
-        return is_zero3(self.accelerator)
-
     def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``torch.autograd.grad``: the gradients are returned, ``.grad`` (and DeepSpeed's buffers) untouched."""
         grads = list(torch.autograd.grad(loss, inputs))
-        if self._is_zero3():
+        if is_zero3(self.accelerator):
             # ZeRO-3 releases the parameters it gathered for a backward in its gradient hooks, which this backward
             # does not run (nothing is accumulated): release them, as DeepSpeed does after a backward.
             self.model_wrapped.empty_partition_cache()
@@ -124,21 +127,14 @@ class BoosterTrainer(SFTTrainer):
     def _moved_to(self, params: list[torch.nn.Parameter], steps: list[torch.Tensor]):
         """Move ``params`` to w + step for the duration of the block, then copy the saved w back, bit for bit. Under
         ZeRO-3 the parameters are gathered for the move and the copy back (every process holds the same steps)."""
-        gathered = contextlib.nullcontext
-        if self._is_zero3():
-            import deepspeed
-
-            def gathered():
-                return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-        with gathered(), torch.no_grad():
+        with gathered_parameters(self.accelerator, params, modifier_rank=0), torch.no_grad():
             saved = [p.detach().clone() for p in params]
             for p, step in zip(params, steps):
                 p.add_(step)
         try:
             yield
         finally:
-            with gathered(), torch.no_grad():
+            with gathered_parameters(self.accelerator, params, modifier_rank=0), torch.no_grad():
                 for p, copy in zip(params, saved):
                     p.copy_(copy)
 

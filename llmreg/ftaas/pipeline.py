@@ -38,8 +38,9 @@ from llmreg.lab import generate_completions, is_harmful, sentiment_accuracy
 from llmreg.lab.arithmetic import completion_text
 from llmreg.trainer_utils import (
     import_object,
-    replace_directory,
+    merge_saved_adapter,
     reset_accelerator_state,
+    save_trained_model,
     save_whole_model,
     without_zero3,
     write_atomically,
@@ -182,9 +183,13 @@ class FTaaSPipeline:
             trainer.train()
             if self.state.is_main_process:  # the alignment's curves: loss, and Booster's harmful losses and gap
                 write_atomically(final.parent / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-            if self.peft_config is not None:
-                save_adapter(trainer, final.parent / "adapter")
-            save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
+            if self.peft_config is None:
+                save_trained_model(trainer, final)
+            else:  # the adapter itself (a customer fine-tune may continue it), and merged into the base
+                save_trained_model(trainer, final.parent / "adapter")
+                if self.state.is_main_process:
+                    merge_saved_adapter(final.parent / "adapter", final, trainer.processing_class)
+                self.state.wait_for_everyone()
         finally:
             args.booster_lambda, args.vaccine_rho = lam, rho
         return final
@@ -284,15 +289,6 @@ class FTaaSPipeline:
             write_atomically(self.output_dir / "results.png", results_plot(rows))
         self.state.wait_for_everyone()
         return rows
-
-
-def save_adapter(trainer, final: Path) -> None:
-    """Save the trainer's LoRA adapter (and tokenizer) to ``final`` atomically; every process must call it."""
-    temporary = final.with_name(final.name + ".tmp")
-    trainer.save_model(str(temporary))
-    if trainer.accelerator.is_main_process:
-        replace_directory(temporary, final)
-    trainer.accelerator.wait_for_everyone()
 
 
 def results_table(rows: list[dict]) -> str:
