@@ -146,6 +146,30 @@ def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[t
                            "(requires_grad=False).")
 
 
+class StepIndexedRows:
+    """The rows of a side dataset (Booster's harmful data, unlearning's retain data) that batch ``index`` draws: a
+    function of the index alone, so that a run resumed from a checkpoint draws what a straight run does. Each pass over
+    the rows is a permutation seeded with seed + pass; a batch index takes the next ``num_processes`` batches of it,
+    process r the r-th (as accelerate shards a dataloader); a pass drops the rows that do not fill one such index."""
+
+    def __init__(self, num_rows: int, batch_size: int, num_processes: int, process_index: int, seed: int):
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.num_processes, self.process_index = num_processes, process_index
+        self.per_pass = num_rows // (batch_size * num_processes)
+        if self.per_pass == 0:
+            raise ValueError(f"{num_rows} rows are fewer than one batch of all processes "
+                             f"({batch_size} × {num_processes}).")
+        self._order = (-1, None)  # (pass, its permutation)
+
+    def __call__(self, index: int) -> list[int]:
+        epoch, position = divmod(index, self.per_pass)
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._order = (epoch, torch.randperm(self.num_rows, generator=generator).tolist())
+        start = (position * self.num_processes + self.process_index) * self.batch_size
+        return self._order[1][start:start + self.batch_size]
+
+
 def is_zero3(accelerator) -> bool:
     return accelerator.distributed_type == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3
 

@@ -32,6 +32,7 @@ from llmreg.booster.booster_config import BoosterConfig
 from llmreg.losses.booster import global_norm, perturbation, regularizer_gradient
 from llmreg.trainer_utils import (
     SFT_FORMATS,
+    StepIndexedRows,
     check_dataset_columns,
     gathered_parameters,
     gradients_added_in_backward,
@@ -72,29 +73,17 @@ class BoosterTrainer(SFTTrainer):
         columns = [c for c in self.harmful_dataset.column_names if c in ("input_ids", "completion_mask",
                                                                          "assistant_masks", "seq_lengths")]
         self._harmful_rows = self.harmful_dataset.select_columns(columns)
-        global_batch = args.harmful_batch_size * self.accelerator.num_processes
-        if len(self._harmful_rows) < global_batch:
-            raise ValueError(f"harmful_dataset has {len(self._harmful_rows)} usable rows, fewer than one harmful "
-                             f"batch of all processes ({args.harmful_batch_size} × {self.accelerator.num_processes}). "
-                             "Use more harmful data or a smaller harmful_batch_size.")
-        self._harmful_order = (-1, None)  # (pass, its permutation)
+        try:
+            self._harmful_indices = StepIndexedRows(len(self._harmful_rows), args.harmful_batch_size,
+                                                    self.accelerator.num_processes, self.accelerator.process_index,
+                                                    args.seed)
+        except ValueError as error:
+            raise ValueError(f"harmful_dataset is too small: {error} Use more harmful data or a smaller "
+                             "harmful_batch_size.") from None
         self._vaccine_pending = None  # (the step's micro-batches, their token count), set by get_batch_samples
         self._vaccine_queue: list[list[torch.Tensor]] = []  # ε per remaining micro-batch of the step
         if args.vaccine_rho > 0:
             decoder_layers(self.accelerator.unwrap_model(self.model))  # refuse a model without layers before training
-
-    def _harmful_indices(self, step: int) -> list[int]:
-        """The rows of this process's harmful batch at optimizer step ``step``: a function of the step alone, so that
-        a run resumed from a checkpoint draws what a straight run does. Each pass over the data is a permutation
-        seeded with seed + pass; a step takes the next R batches of it, process r the r-th (as accelerate shards a
-        dataloader), and a pass drops the rows that do not fill a step."""
-        size, processes = self.args.harmful_batch_size, self.accelerator.num_processes
-        epoch, position = divmod(step, len(self._harmful_rows) // (size * processes))
-        if self._harmful_order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.args.seed + epoch)
-            self._harmful_order = (epoch, torch.randperm(len(self._harmful_rows), generator=generator).tolist())
-        start = (position * processes + self.accelerator.process_index) * size
-        return self._harmful_order[1][start:start + size]
 
     def _harmful_batch(self, step: int) -> dict:
         rows = self._harmful_rows.select(self._harmful_indices(step))

@@ -32,11 +32,13 @@ def nll(token_logps: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor |
     return aggregate(-token_logps, mask, "token-mean", num_items)
 
 
-def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary."""
+def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor,
+             num_items: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary (normalized by
+    ``num_items`` when given)."""
     log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return aggregate(per_token, mask, "token-mean")
+    return aggregate(per_token, mask, "token-mean", num_items)
 
 
 def ga_loss(forget_nll: torch.Tensor) -> torch.Tensor:
@@ -56,17 +58,26 @@ def idk_loss(idk_nll: torch.Tensor, retain_nll: torch.Tensor) -> torch.Tensor:
     return idk_nll + retain_nll
 
 
-def npo_loss(forget_logps: torch.Tensor, teacher_forget_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def _sequence_mean(values: torch.Tensor, num_sequences: torch.Tensor | float | None) -> torch.Tensor:
+    """The mean of per-sequence ``values``, or their sum / ``num_sequences`` (a global count) when given."""
+    if num_sequences is None:
+        return values.mean()
+    return values.sum() / torch.clamp_min(torch.as_tensor(num_sequences, dtype=values.dtype), 1.0)
+
+
+def npo_loss(forget_logps: torch.Tensor, teacher_forget_logps: torch.Tensor, beta: float = 0.1,
+             num_sequences: torch.Tensor | float | None = None) -> torch.Tensor:
     """(2/β)·mean log(1 + (π/π0)^β) over the forget sequences = (2/β)·mean softplus(β·(log π − log π0)). Its
     gradient is GA's, −∇log π, weighted by 2σ(β·(log π − log π0)): it fades as π falls below π0."""
-    return (2.0 / beta) * F.softplus(beta * (forget_logps - teacher_forget_logps)).mean()
+    return (2.0 / beta) * _sequence_mean(F.softplus(beta * (forget_logps - teacher_forget_logps)), num_sequences)
 
 
 def dpo_unlearning_loss(idk_logps: torch.Tensor, forget_logps: torch.Tensor, teacher_idk_logps: torch.Tensor,
-                        teacher_forget_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+                        teacher_forget_logps: torch.Tensor, beta: float = 0.1,
+                        num_sequences: torch.Tensor | float | None = None) -> torch.Tensor:
     """The real DPO loss with the IDK answer preferred over the true forget answer (sequence log-probs)."""
     margin = (idk_logps - forget_logps) - (teacher_idk_logps - teacher_forget_logps)
-    return -F.logsigmoid(beta * margin).mean()
+    return _sequence_mean(-F.logsigmoid(beta * margin), num_sequences)
 
 
 def scrub_loss(forget_kl_model_to_teacher: torch.Tensor, retain_kl_model_to_teacher: torch.Tensor,
@@ -77,14 +88,19 @@ def scrub_loss(forget_kl_model_to_teacher: torch.Tensor, retain_kl_model_to_teac
 
 def rmu_loss(forget_hidden: torch.Tensor, forget_mask: torch.Tensor, control: torch.Tensor,
              retain_hidden: torch.Tensor, teacher_retain_hidden: torch.Tensor, retain_mask: torch.Tensor,
-             beta: float = 1.0) -> torch.Tensor:
+             beta: float = 1.0, num_forget_sequences: torch.Tensor | float | None = None,
+             num_retain_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """β·MSE(mean_t h_F, u) + MSE(h_R, h_R^{π0}), as CLEAR's code: the forget term averages each sequence's hidden
     states over its tokens first, then the squared error to the control vector u (mean over sequences and
-    dimensions); the retain term is the token mean over ``retain_mask`` of the mean squared difference."""
+    dimensions); the retain term is the token mean over ``retain_mask`` of the mean squared difference. The two
+    normalizers, when given, replace the local sequence and token counts (global means, as ``aggregate``'s)."""
     weights = forget_mask.unsqueeze(-1).to(forget_hidden.dtype)
     mean_forget = (forget_hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-    forget_term = (mean_forget - control).square().mean()
-    retain_term = aggregate((retain_hidden - teacher_retain_hidden).square().mean(-1), retain_mask, "token-mean")
+    per_sequence = (mean_forget - control).square().mean(-1)
+    num_forget = len(per_sequence) if num_forget_sequences is None else num_forget_sequences
+    forget_term = per_sequence.sum() / torch.clamp_min(torch.as_tensor(num_forget, dtype=per_sequence.dtype), 1.0)
+    retain_term = aggregate((retain_hidden - teacher_retain_hidden).square().mean(-1), retain_mask, "token-mean",
+                            num_retain_tokens)
     return beta * forget_term + retain_term
 
 
