@@ -14,6 +14,7 @@ from llmreg.lab import (
     is_harmful,
     is_refusal,
     load_lab_dataset,
+    new_facts_dataset,
     safety_alignment_dataset,
     safety_eval_prompts,
     safety_harmful_dataset,
@@ -27,7 +28,7 @@ from llmreg.lab.datasets import LAB_DATASETS
 
 @pytest.mark.parametrize("name", list(LAB_DATASETS))
 def test_every_lab_dataset_is_deterministic_by_seed(name):
-    split = "all" if name == "llmreg/facts" else "train"
+    split = "all" if name in ("llmreg/facts", "llmreg/new-facts") else "train"
     first, again = load_lab_dataset(name, split, seed=0), load_lab_dataset(name, split, seed=0)
     other = load_lab_dataset(name, split, seed=1)
     assert first.to_list() == again.to_list()
@@ -153,3 +154,9 @@ def test_corpus_mixes_kinds_in_train_and_holds_out_informative_text():
     assert not set(test["text"]) & set(train["text"])
     with pytest.raises(ValueError, match="mix"):
         corpus_dataset(10, mix=(0.5, 0.5, 0.5))
+
+
+def test_new_facts_are_about_entities_the_lab_model_never_saw():
+    for seed in (0, 1, 2):
+        known, new = set(facts_dataset("all", seed=seed)["entity"]), set(new_facts_dataset("all", seed=seed)["entity"])
+        assert len(new) == 50 and not known & new

@@ -16,7 +16,7 @@ from llmreg.lab.evaluate import (
     expected_calibration_error,
     generate_completions,
 )
-from llmreg.lab.facts import fact_is_correct, facts_accuracy, facts_dataset
+from llmreg.lab.facts import fact_is_correct, facts_accuracy, facts_dataset, new_facts_dataset
 from llmreg.lab.model import (
     LAB_MODEL_ID,
     build_lab_model,
@@ -66,6 +66,7 @@ __all__ = [
     "lab_model_dir",
     "load_lab_dataset",
     "load_lab_model",
+    "new_facts_dataset",
     "read_lab_info",
     "resolve_model_name_or_path",
     "safety_alignment_dataset",

@@ -4,7 +4,7 @@ from datasets import Dataset
 
 from llmreg.lab.arithmetic import arithmetic_dataset
 from llmreg.lab.corpus import corpus_dataset
-from llmreg.lab.facts import facts_dataset
+from llmreg.lab.facts import facts_dataset, new_facts_dataset
 from llmreg.lab.safety import safety_alignment_dataset, safety_harmful_dataset, sentiment_dataset
 
 
@@ -15,6 +15,7 @@ LAB_DATASETS = {
     "llmreg/safety-harmful": safety_harmful_dataset,
     "llmreg/sentiment": sentiment_dataset,
     "llmreg/facts": facts_dataset,
+    "llmreg/new-facts": new_facts_dataset,
     "llmreg/corpus": corpus_dataset,
 }
 

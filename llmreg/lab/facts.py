@@ -1,9 +1,10 @@
 """Facts about fictitious entities, split forget/retain: the lab task for unlearning (TOFU-style).
 
 Each entity has four attributes. Each (entity, attribute) pair gives one question with its answer, a paraphrased
-answer (same fact, other words) and perturbed answers (same words, wrong fact), the columns TOFU-style metrics need
-(truth ratio, paraphrase probability). The first ``forget_fraction`` of the entities form the forget split, the rest
-the retain split. Since the entities are invented, nothing a model says about them comes from pretraining.
+answer (same fact, other words) and perturbed answers (the paraphrase's words, a wrong fact): the columns that
+TOFU-style metrics need (truth ratio, paraphrase probability). The first ``forget_fraction`` of the entities form the
+forget split, the rest the retain split. Since the entities are invented, nothing a model says about them comes from
+pretraining.
 """
 
 import random
@@ -88,9 +89,20 @@ def facts_dataset(split: str = "all", num_entities: int = 50, forget_fraction: f
             rows["question"].append(question.format(name=name))
             rows["answer"].append(answer.format(name=name, value=value))
             rows["paraphrased_answer"].append(paraphrase.format(name=name, value=value))
-            rows["perturbed_answers"].append([answer.format(name=name, value=wrong) for wrong in wrong_values])
+            # TOFU perturbs the paraphrased answer: the truth ratio then compares the same words, right fact or wrong.
+            rows["perturbed_answers"].append([paraphrase.format(name=name, value=wrong) for wrong in wrong_values])
             rows["split"].append(entity_split)
     return Dataset.from_dict(rows)
+
+
+# The lab model learned the facts of seed 0 in its warm start; seed + NEW_FACTS_SEED_OFFSET gives other entities.
+NEW_FACTS_SEED_OFFSET = 1000
+
+
+def new_facts_dataset(split: str = "all", seed: int = 0, **kwargs) -> Dataset:
+    """Facts about entities the lab model has never seen (``facts_dataset`` with another seed): the unlearning lab
+    teaches them in a fine-tune, so that a "gold" model trained without the forget split never saw it."""
+    return facts_dataset(split, seed=seed + NEW_FACTS_SEED_OFFSET, **kwargs)
 
 
 def fact_is_correct(text: str, value: str) -> bool:

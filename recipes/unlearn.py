@@ -1,0 +1,246 @@
+"""Unlearn the forget split of a question set with CLEAR's objectives and ℓ1 penalty on a fresh LoRA, and score it
+TOFU-style. On the lab by default (recipes/configs/unlearn_lab.yaml spells it out):
+
+    accelerate launch recipes/unlearn.py
+    accelerate launch recipes/unlearn.py --objective ga --l1_lambda 0.01
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/unlearn.py --objective gd
+
+The lab (TOFU's setup on ``llmreg/new-facts``, facts about entities the lab model has never seen):
+
+1. ``original``: the lab model fully fine-tuned on every new fact (forget and retain splits) together with the
+   ``world`` facts it knew already (so that it keeps them);
+2. ``gold``: the same fine-tune without the forget split, the model that never saw it;
+3. unlearning: a fresh LoRA on ``original``, trained with ``--objective`` (and ``--l1_lambda``) on the forget split.
+
+``--finetune_epochs 0`` skips 1 and 2: then ``--model_name_or_path`` is the model that already knows the forget set,
+and ``--gold_model`` (optional) the one for forget quality. Stages 1 and 2 are saved under ``output_dir`` and reused
+by a rerun with the same settings. Results: ``<output_dir>/unlearn_results.{md,json}``, one row each for the
+original, the gold model and the unlearned one — forget and retain accuracy, ROUGE-L, answer probability, truth
+ratio, model utility and forget quality (see docs/unlearn.md).
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+from datasets import concatenate_datasets
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
+
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.trainer_utils import reset_accelerator_state, save_trained_model, without_zero3, write_atomically
+from llmreg.unlearn import UnlearnConfig, UnlearnTrainer
+from llmreg.unlearn.evaluation import evaluate_unlearning
+from llmreg.unlearn.metrics import forget_quality
+from llmreg.unlearn.unlearn_config import RETAIN_OBJECTIVES
+
+
+logger = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+TABLE_KEYS = ("forget_accuracy", "retain_accuracy", "world_accuracy", "forget_rouge", "retain_rouge",
+              "forget_truth_ratio", "model_utility", "forget_quality")
+
+
+@dataclass
+class UnlearnScriptArguments(ScriptArguments):
+    dataset_forget_split: str = field(default="forget", metadata={"help": "The split to unlearn."})
+    dataset_retain_split: str = field(default="retain", metadata={"help": "The split to keep."})
+    world_dataset_name: str | None = field(
+        default="llmreg/facts",
+        metadata={"help": "Questions the model knew before (lab: the lab model's own facts), kept in the fine-tunes "
+                          "and scored for model utility; None to skip."},
+    )
+    world_dataset_split: str = field(default="all", metadata={"help": "The split of world_dataset_name."})
+    gold_model: str | None = field(
+        default=None, metadata={"help": "A model never trained on the forget split, for forget quality (with "
+                                        "--finetune_epochs 0; otherwise it is trained here)."}
+    )
+    finetune_epochs: float = field(
+        default=15.0, metadata={"help": "Epochs of the full fine-tunes that make the original and gold models; 0 = "
+                                        "model_name_or_path already knows the forget set."}
+    )
+    finetune_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of those fine-tunes."})
+    finetune_batch_size: int = field(default=16, metadata={"help": "Per-device batch size of those fine-tunes."})
+    finetune_paraphrases: bool = field(
+        default=True,
+        metadata={"help": "Teach each fact in its paraphrased words too (the `paraphrased_answer` column): the lab "
+                          "model does not carry a fact over to new words, so the truth ratio, which compares the "
+                          "paraphrase with its perturbations, would not see the fact otherwise."},
+    )
+
+
+def training_rows(dataset, paraphrases: bool):
+    """Prompt-completion rows of a question set, and with ``paraphrases`` each question again with its paraphrased
+    answer (in the completion's format)."""
+    rows = dataset.select_columns(["prompt", "completion"])
+    if not paraphrases:
+        return rows
+    conversational = isinstance(dataset[0]["completion"], list)
+    paraphrased = dataset.select_columns(["prompt"]).add_column("completion", [
+        [{"role": "assistant", "content": a}] if conversational else a for a in dataset["paraphrased_answer"]])
+    return concatenate_datasets([rows, paraphrased])
+
+
+def finetune(stage: Path, model_name_or_path: str, data, script_args, training_args, init_kwargs: dict) -> Path:
+    """Fully fine-tune ``model_name_or_path`` on ``data`` into ``stage/model``; a rerun with the same settings reuses
+    it."""
+    settings = {"model": model_name_or_path, "rows": len(data), "fingerprint": data._fingerprint,
+                "epochs": script_args.finetune_epochs, "learning_rate": script_args.finetune_learning_rate,
+                "batch_size": script_args.finetune_batch_size, "seed": training_args.seed}
+    final, record = stage / "model", stage / STAGE_FILE
+    if final.is_dir() and record.is_file() and json.loads(record.read_text()) == settings:
+        logger.info("Reusing %s (same settings).", final)
+        return final
+    a = training_args
+    args = SFTConfig(output_dir=str(stage / "train"), num_train_epochs=script_args.finetune_epochs,
+                     learning_rate=script_args.finetune_learning_rate,
+                     per_device_train_batch_size=script_args.finetune_batch_size, max_length=a.max_length,
+                     use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
+                     logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
+                     lr_scheduler_type="constant_with_warmup", warmup_steps=10, disable_tqdm=a.disable_tqdm,
+                     model_init_kwargs=init_kwargs or None)
+    reset_accelerator_state()
+    trainer = SFTTrainer(model_name_or_path, args=args, train_dataset=data)
+    trainer.train()
+    save_trained_model(trainer, final)
+    if trainer.accelerator.is_main_process:
+        write_atomically(record, json.dumps(settings, indent=1))
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def evaluate(model_path, sets: dict, gold_ratios) -> dict | None:
+    """The table row of a saved model, a whole one or a LoRA adapter (merged into its base): main process only,
+    the others get None."""
+    if not PartialState().is_main_process:
+        return None
+    with without_zero3():  # loading and generating by this process alone, even in a ZeRO-3 run
+        if (Path(model_path) / "adapter_config.json").is_file():
+            model = AutoPeftModelForCausalLM.from_pretrained(model_path).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        return evaluate_unlearning(model.to(PartialState().device), tokenizer, sets["forget"], sets["retain"],
+                                   sets.get("world"), gold_ratios)
+
+
+def results_table(rows: list[dict]) -> str:
+    keys = [k for k in TABLE_KEYS if any(k in row for row in rows)]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [("—" if row.get(k) is None else f"{row[k]:.3g}") for k in keys]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_question_sets(script_args: UnlearnScriptArguments) -> dict:
+    """The forget, retain and (when named) world question sets."""
+    sets = {"forget": load_recipe_dataset(script_args, script_args.dataset_forget_split),
+            "retain": load_recipe_dataset(script_args, script_args.dataset_retain_split)}
+    if script_args.world_dataset_name:
+        sets["world"] = load_recipe_dataset(ScriptArguments(dataset_name=script_args.world_dataset_name),
+                                            script_args.world_dataset_split)
+    return sets
+
+
+def prepare_models(script_args, training_args, model_args, sets: dict) -> tuple[str, str | None]:
+    """The original model (knows the forget split) and the gold one (never saw it): fine-tuned here, or given."""
+    original, gold = model_args.model_name_or_path, script_args.gold_model
+    if script_args.finetune_epochs <= 0:
+        return original, gold
+    if gold is not None:
+        raise ValueError("--gold_model is for a model that already knows the forget set (--finetune_epochs 0); "
+                         "with fine-tunes, the gold model is trained here.")
+    init_kwargs = model_init_kwargs(model_args, training_args)
+    paraphrases = script_args.finetune_paraphrases
+    kept = [training_rows(sets[name], paraphrases) for name in ("retain", "world") if name in sets]
+    everything = [training_rows(sets["forget"], paraphrases), *kept]
+    output_dir = Path(training_args.output_dir)
+    original = finetune(output_dir / "original", original, concatenate_datasets(everything), script_args,
+                        training_args, init_kwargs)
+    gold = finetune(output_dir / "gold", model_args.model_name_or_path, concatenate_datasets(kept), script_args,
+                    training_args, init_kwargs)
+    return str(original), str(gold)
+
+
+def reference_rows(original: str, gold: str | None, sets: dict) -> tuple[list[dict], list | None]:
+    """The table rows of the original and gold models, and the gold model's forget truth ratios (main process)."""
+    rows, gold_ratios = [], None
+    if gold is not None:
+        gold_row = evaluate(gold, sets, None)
+        if gold_row is not None:
+            gold_ratios = gold_row["forget_truth_ratios"]
+            rows.append({"model": "gold (never saw the forget split)", **gold_row,
+                         "forget_quality": forget_quality(gold_ratios, gold_ratios)})
+    original_row = evaluate(original, sets, gold_ratios)
+    if original_row is not None:
+        rows.insert(0, {"model": "original", **original_row})
+    return rows, gold_ratios
+
+
+def unlearn(original: str, sets: dict, training_args: UnlearnConfig, model_args: ModelConfig,
+            gold_ratios) -> dict | None:
+    """Unlearn the forget split from ``original`` into ``output_dir/unlearned`` and score it (main process)."""
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    objective = training_args.objective
+    reset_accelerator_state()
+    trainer = UnlearnTrainer(original, args=training_args, forget_dataset=sets["forget"],
+                             retain_dataset=sets["retain"] if objective in RETAIN_OBJECTIVES else None,
+                             peft_config=get_peft_config(model_args))
+    trainer.train()
+    unlearned = Path(training_args.output_dir) / "unlearned"
+    save_trained_model(trainer, unlearned)  # the adapter, or the whole model without LoRA
+    trainer.end()  # the other processes are done: the scoring is the main process's alone
+    row = evaluate(unlearned, sets, gold_ratios)
+    if row is None:
+        return None
+    name = objective + (f" + ℓ1 (λ1 = {training_args.l1_lambda:g})" if training_args.l1_lambda else "")
+    return {"model": name, "objective": objective, "l1_lambda": training_args.l1_lambda, **row}
+
+
+def main(script_args: UnlearnScriptArguments, training_args: UnlearnConfig, model_args: ModelConfig) -> list[dict]:
+    sets = load_question_sets(script_args)
+    original, gold = prepare_models(script_args, training_args, model_args, sets)
+    rows, gold_ratios = reference_rows(original, gold, sets)
+    row = unlearn(original, sets, training_args, model_args, gold_ratios)
+    if row is not None:
+        rows.append(row)
+        output_dir = Path(training_args.output_dir)
+        settings = {"objective": training_args.objective, "l1_lambda": training_args.l1_lambda,
+                    "beta": training_args.objective_beta, "script": asdict(script_args)}
+        write_atomically(output_dir / "unlearn_results.json", json.dumps({"settings": settings, "rows": rows},
+                                                                        indent=1))
+        write_atomically(output_dir / "unlearn_results.md", results_table(rows))
+        print(results_table(rows))
+    return rows
+
+
+def make_parser():
+    # With no arguments the recipe runs what recipes/configs/unlearn_lab.yaml spells out.
+    return make_recipe_parser(
+        (UnlearnScriptArguments, UnlearnConfig, ModelConfig),
+        dataset_name="llmreg/new-facts",
+        output_dir="outputs/unlearn",
+        objective="npo",
+        use_peft=True,
+        lora_r=8,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        num_train_epochs=10,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_length=64,
+        activation_checkpointing=False,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+    )
+
+
+if __name__ == "__main__":
+    main(*parse_recipe_args(make_parser()))
