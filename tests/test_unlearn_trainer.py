@@ -242,3 +242,33 @@ def test_two_processes_equal_one_process(lab_model_dir, tmp_path, objective, con
         for mine, single in zip(logs[config], logs["single_process.yaml"], strict=True):
             assert mine["loss"] == pytest.approx(single["loss"], rel=1e-5)
             assert mine["l1/norm"] == pytest.approx(single["l1/norm"], rel=1e-6)
+
+
+def test_resume_equals_the_straight_run(lab_model_dir, tmp_path):
+    # The retain batches are a function of the step, the IDK answers and RMU's u of the seed: a run resumed from a
+    # checkpoint at step 2 of 4 ends where the straight run does.
+    def run(directory, resume=None):
+        trainer = make_trainer(lab_model_dir, directory, "gd", max_steps=4, save_steps=2, save_strategy="steps")
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    straight, expected = run(tmp_path / "straight")
+    _, resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
+    for name, value in expected.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-7)
+    draws = [straight._retain_indices(i) for i in range(4)]
+    assert len({tuple(d) for d in draws}) == 4  # each step read its own retain batch
+
+
+def test_evaluation_is_the_plain_sft_loss(lab_model_dir, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    data = facts_dataset("retain", num_entities=20, forget_fraction=0.25, seed=7).select(range(8))
+    trainer = make_trainer(lab_model_dir, tmp_path / "unlearn", "npo")
+    trainer.eval_dataset = trainer._prepare_dataset(data, trainer.processing_class, trainer.args, packing=False,
+                                                    formatting_func=None, dataset_name="eval")
+    unlearn_loss = trainer.evaluate()["eval_loss"]
+    args = SFTConfig(str(tmp_path / "sft"), use_cpu=True, bf16=False, report_to="none", max_length=64,
+                     per_device_eval_batch_size=8)
+    sft = SFTTrainer(trainer.model, args=args, train_dataset=data, eval_dataset=data)
+    assert unlearn_loss == pytest.approx(sft.evaluate()["eval_loss"], rel=1e-5)
