@@ -272,3 +272,15 @@ def test_evaluation_is_the_plain_sft_loss(lab_model_dir, tmp_path):
                      per_device_eval_batch_size=8)
     sft = SFTTrainer(trainer.model, args=args, train_dataset=data, eval_dataset=data)
     assert unlearn_loss == pytest.approx(sft.evaluate()["eval_loss"], rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradient(lab_model_dir, tmp_path):
+    # The teacher's forward (adapter disabled, no gradients) inside a checkpointed model must not disturb the replay.
+    _, plain, _, _ = one_step_gradients(make_trainer(lab_model_dir, tmp_path / "plain", "scrub"))
+    trainer = make_trainer(lab_model_dir, tmp_path / "ckpt", "scrub")
+    trainer.model.gradient_checkpointing_enable()  # what Trainer.train does with activation_checkpointing=True
+    trainer.model.enable_input_require_grads()
+    assert trainer.model.get_base_model().is_gradient_checkpointing
+    _, checkpointed, _, _ = one_step_gradients(trainer)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
