@@ -43,7 +43,7 @@ def test_the_layout_exists():
         assert (root / folder).is_dir(), folder
 
 
-METHOD_FOLDERS = ("rpg", "rspo", "spin", "booster", "lora_dropout", "unlearn")
+METHOD_FOLDERS = ("rpg", "rspo", "spin", "booster", "lora_dropout", "unlearn", "reweight")
 
 
 @pytest.mark.parametrize("path", sorted(p for m in METHOD_FOLDERS for p in (PACKAGE / m).rglob("*.py")), ids=str)

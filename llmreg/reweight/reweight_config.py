@@ -1,0 +1,70 @@
+"""Configuration of the reweighting trainer: TRL's SFTConfig plus loss-based sample weights."""
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from llmreg.losses.reweighting import STRATEGIES
+from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
+
+
+@dataclass
+class ReweightConfig(SFTConfig):
+    r"""
+    Configuration for [`ReweightTrainer`]: SFT or pretraining where each sample's loss is weighted by a function of
+    that loss over the global batch (Sow et al. 2025, https://arxiv.org/abs/2502.06733). See `docs/reweight.md`.
+
+    > Parameters of the weights
+
+    reweight_strategy (`str`, *optional*, defaults to `"linupper"`):
+        One of `uniform` (the stock loss), `linupper` (low losses down-weighted, high ones capped: the paper's main
+        method), `quadratic` (medium losses favoured) and `extremes` (both ends favoured).
+    reweight_r (`float`, *optional*, defaults to `1.0`):
+        r, the softmax temperature (code default 1.0; the shipped configs also use 0.4). Larger is closer to uniform.
+    reweight_delta (`float`, *optional*, defaults to `1.0`):
+        δ, the half-width of the range the losses are normalized to (paper: 1).
+    reweight_warmup_steps (`int`, *optional*, defaults to `0`):
+        Optimizer steps of uniform weights first (the code's `burnout_steps`: 1000 of 20,000).
+    reweight_r_start (`float` or `None`, *optional*, defaults to `None`):
+        With a value, r starts there after the warmup and moves linearly to `reweight_r` over
+        `reweight_r_decay_steps` (the README's suggestion: a large r first, then lower). `None`: r is constant.
+    reweight_r_decay_steps (`int`, *optional*, defaults to `0`):
+        Steps of that linear schedule.
+    """
+
+    reweight_strategy: str = field(
+        default="linupper", metadata={"help": f"Weighting strategy: one of {', '.join(STRATEGIES)}."}
+    )
+    reweight_r: float = field(default=1.0, metadata={"help": "r, softmax temperature (code: 1.0; configs: 0.4)."})
+    reweight_delta: float = field(default=1.0, metadata={"help": "δ, half-width of the normalized loss range (1)."})
+    reweight_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of uniform weights first."})
+    reweight_r_start: float | None = field(
+        default=None, metadata={"help": "r after the warmup, moving linearly to reweight_r; None = constant r."}
+    )
+    reweight_r_decay_steps: int = field(default=0, metadata={"help": "Steps of the linear r schedule."})
+
+    def __post_init__(self):
+        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
+        init_deepspeed_distributed_on_cpu()
+        super().__post_init__()
+        if self.reweight_strategy not in STRATEGIES:
+            raise ValueError(f"Unknown reweight_strategy {self.reweight_strategy!r}; valid strategies: "
+                             f"{', '.join(STRATEGIES)}.")
+        if self.reweight_r <= 0 or self.reweight_delta <= 0:
+            raise ValueError(f"reweight_r and reweight_delta must be > 0, got {self.reweight_r} and "
+                             f"{self.reweight_delta}.")
+        if self.reweight_warmup_steps < 0 or self.reweight_r_decay_steps < 0:
+            raise ValueError("reweight_warmup_steps and reweight_r_decay_steps must be >= 0.")
+        if self.reweight_r_start is not None and (self.reweight_r_start <= 0 or self.reweight_r_decay_steps == 0):
+            raise ValueError("reweight_r_start needs a value > 0 and reweight_r_decay_steps > 0 (the steps over "
+                             "which r moves from it to reweight_r).")
+        if self.reweight_r_start is None and self.reweight_r_decay_steps:
+            raise ValueError("reweight_r_decay_steps is set without reweight_r_start, so it would do nothing: set "
+                             "both, or neither.")
+
+    def r_at(self, step: int) -> float:
+        """r at optimizer step ``step`` (after the warmup; during it the weights are uniform)."""
+        if self.reweight_r_start is None:
+            return self.reweight_r
+        progress = min(1.0, max(0, step - self.reweight_warmup_steps) / self.reweight_r_decay_steps)
+        return self.reweight_r_start + progress * (self.reweight_r - self.reweight_r_start)

@@ -1,0 +1,128 @@
+"""ReweightTrainer: TRL's SFTTrainer with dynamic loss-based sample weights, from the same forward pass.
+
+For each micro-batch, with the per-sample losses ℓ_i (each sample's mean over its answer tokens, detached for the
+weights) of the whole data-parallel batch — gathered from every process, in process order:
+
+    w = sample_weights(ℓ, strategy, r, δ)                      over the S samples of the global micro-batch
+    loss = Σ_i w_i · S · n_i · ℓ_i / N                         n_i: sample i's tokens; N: the step's tokens (all
+                                                               micro-batches and processes)
+
+Each process returns its own samples' share (times the number of processes, which DDP's averaging undoes). With
+uniform weights w_i = 1/S this is Σ n_i·ℓ_i / N, the token mean of the step: exactly SFT's loss, under gradient
+accumulation and data parallelism. What "a sample" is: a row of the batch, or, with padding-free batches (packing),
+each packed document (TRL's ``seq_idx``).
+
+Gradient accumulation: as in the reference code, each micro-batch is weighted on its own (its global batch across
+processes), since weighting over the whole step would need every micro-batch's losses before the first backward (a
+second forward). The token normalization, though, is the step's, so uniform weights give SFT's update exactly.
+"""
+
+import logging
+from typing import ClassVar
+
+import torch
+from trl import SFTTrainer
+
+from llmreg.losses.reweighting import per_sample_losses, sample_weights
+from llmreg.reweight.reweight_config import ReweightConfig
+
+
+logger = logging.getLogger(__name__)
+
+
+def _answer_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class ReweightTrainer(SFTTrainer):
+    """SFT or pretraining with loss-based sample reweighting (https://arxiv.org/abs/2502.06733).
+
+    >>> from llmreg.reweight import ReweightConfig, ReweightTrainer
+    >>> from llmreg.lab import ensure_lab_model, corpus_dataset
+    >>> args = ReweightConfig("outputs/reweight", reweight_strategy="linupper", reweight_r=1.0)
+    >>> trainer = ReweightTrainer(str(ensure_lab_model()), args=args, train_dataset=corpus_dataset())
+    >>> trainer.train()
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "sft", "reweighting", "llmreg"]
+    _name = "Reweight"
+
+    def __init__(self, model, args: ReweightConfig | None = None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = ReweightConfig(f"{name.split('/')[-1]}-Reweight")
+        if not isinstance(args, ReweightConfig):
+            raise TypeError(f"ReweightTrainer needs a ReweightConfig, got {type(args).__name__}: the strategy, r and "
+                            "the warmup live there.")
+        super().__init__(model, args=args, **kwargs)
+        # The returned loss is already this micro-batch's share of the step's token mean.
+        self.loss_is_scaled_for_ga = True
+        self._step_tokens: list[float] = []  # the step's token count, once per remaining micro-batch
+        self._pending = None  # the step's micro-batches, set by get_batch_samples
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._pending = batch_samples
+        return batch_samples, num_items
+
+    def _count_step_tokens(self, batches: list[dict]) -> list[float]:
+        count = torch.tensor(float(sum(_answer_tokens(b) for b in batches)), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return [count.item()] * len(batches)
+
+    def _gathered(self, losses: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every process's (loss, count) pairs in process order, and where this process's start. Processes may hold
+        different numbers of samples (a short last batch, packed documents): padded with count −1, then dropped."""
+        local = torch.stack([losses.detach().double(), counts.double()], dim=-1)
+        if self.accelerator.num_processes == 1:
+            return local[:, 0], local[:, 1], 0
+        sizes = self.accelerator.gather(torch.tensor([len(local)], device=local.device))
+        padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=-1)
+        everything = self.accelerator.gather(padded).view(self.accelerator.num_processes, -1, 2)
+        pieces = [everything[rank, :size] for rank, size in enumerate(sizes.tolist())]
+        start = int(sizes[:self.accelerator.process_index].sum())
+        joined = torch.cat(pieces)
+        return joined[:, 0], joined[:, 1], start
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the plain SFT loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self._step_tokens:
+            # Trainer's loop prefetched the step's micro-batches; called on its own, the step is this batch.
+            batches = self._pending if self._pending is not None else [inputs]
+            self._pending = None
+            self._step_tokens = self._count_step_tokens(batches)
+        step_tokens = self._step_tokens.pop(0)
+
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with self.compute_loss_context_manager():
+            outputs = model(**model_inputs, use_cache=False)
+        losses, counts = per_sample_losses(outputs.logits, inputs["labels"], inputs.get("seq_idx"))
+        all_losses, all_counts, start = self._gathered(losses, counts)
+        valid = all_counts > 0  # samples with no loss token carry no weight
+        weights = torch.zeros_like(all_losses)
+        step = self.state.global_step
+        uniform = self.args.reweight_strategy == "uniform" or step < self.args.reweight_warmup_steps
+        if valid.any():
+            weights[valid] = (torch.full((int(valid.sum()),), 1.0 / int(valid.sum()), dtype=weights.dtype,
+                                         device=weights.device) if uniform else sample_weights(
+                all_losses[valid], self.args.reweight_strategy, r=self.args.r_at(step),
+                delta=self.args.reweight_delta))
+        local_weights = weights[start:start + len(losses)].to(losses.dtype)
+        scale = local_weights * int(valid.sum()) * counts / max(step_tokens, 1.0)
+        loss = (scale * losses).sum() * self.accelerator.num_processes
+        self._log_weights(weights[valid], all_losses[valid])
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_weights(self, weights: torch.Tensor, losses: torch.Tensor) -> None:
+        """The weights' summary over the global micro-batch (the same on every process)."""
+        if weights.numel() == 0:
+            return
+        metrics = self._metrics["train"]
+        metrics["reweight/effective_sample_size"].append(float(1 / weights.square().sum()))
+        metrics["reweight/weight_entropy"].append(float(-(weights * weights.clamp(min=1e-30).log()).sum()))
+        metrics["reweight/weight_min"].append(float(weights.min()))
+        metrics["reweight/weight_max"].append(float(weights.max()))
+        for q in (0.1, 0.5, 0.9):
+            metrics[f"reweight/loss_q{int(q * 100)}"].append(float(torch.quantile(losses, q)))

@@ -1,0 +1,145 @@
+"""ReweightTrainer (llmreg/reweight): uniform weights are SFTTrainer exactly (gradient accumulation included), the
+gradient is the weighted loss by hand, the warmup is uniform and a run resumed inside it equals the straight run,
+packed padding-free batches weight documents, bad options are refused, and 2 processes equal 1 process under DDP and
+DeepSpeed ZeRO-3."""
+
+import json
+
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from llmreg.lab import arithmetic_dataset, corpus_dataset
+from llmreg.losses.reweighting import per_sample_losses, sample_weights
+from llmreg.reweight import ReweightConfig, ReweightTrainer
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+COMMON = {"use_cpu": True, "bf16": False, "activation_checkpointing": False, "report_to": "none",
+          "save_strategy": "no", "max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64, "seed": 0,
+          "logging_steps": 1, "learning_rate": 1e-2, "optim": "sgd", "max_grad_norm": 0.0}
+
+
+def make_trainer(lab_model_dir, tmp_path, data=None, **options):
+    torch.manual_seed(0)
+    args = ReweightConfig(str(tmp_path), **{**COMMON, **options})
+    return ReweightTrainer(str(lab_model_dir), args=args, train_dataset=data or corpus_dataset(64))
+
+
+def trained(trainer):
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("data", ["corpus", "arithmetic"])
+def test_uniform_is_sft_exactly_with_gradient_accumulation(lab_model_dir, tmp_path, data):
+    dataset = corpus_dataset(64) if data == "corpus" else arithmetic_dataset(64)
+    options = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3}
+    reweighted = make_trainer(lab_model_dir, tmp_path / "uniform", dataset, reweight_strategy="uniform", **options)
+    after = trained(reweighted)
+    torch.manual_seed(0)
+    sft = SFTTrainer(str(lab_model_dir), args=SFTConfig(str(tmp_path / "sft"), **{**COMMON, **options}),
+                     train_dataset=dataset)
+    expected = trained(sft)
+    for name, value in expected.items():
+        torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-7)
+    losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reweighted, sft)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    start = make_trainer(lab_model_dir, tmp_path / "start", dataset).model.state_dict()
+    assert all(not torch.equal(after[name], start[name]) for name in ("model.embed_tokens.weight", "model.norm.weight"))
+
+
+@pytest.mark.parametrize("strategy", ["linupper", "quadratic", "extremes"])
+def test_gradient_is_the_weighted_loss_by_hand(lab_model_dir, tmp_path, strategy):
+    trainer = make_trainer(lab_model_dir, tmp_path, reweight_strategy=strategy, reweight_r=0.4)
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    trainer.training_step(trainer.model, batch)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in params]
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses, counts = per_sample_losses(logits, batch["labels"])
+    weights = sample_weights(losses.detach(), strategy, r=0.4)
+    assert not torch.allclose(weights, torch.full_like(weights, 0.25))
+    expected = (weights * len(losses) * counts * losses).sum() / counts.sum()
+    for grad, want in zip(grads, torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+    logged = trainer._metrics["train"]
+    assert logged["reweight/effective_sample_size"][-1] == pytest.approx(1 / weights.square().sum().item(), rel=1e-5)
+    assert logged["reweight/weight_max"][-1] == pytest.approx(weights.max().item(), rel=1e-5)
+
+
+def test_warmup_is_uniform_and_resume_inside_it_equals_the_straight_run(lab_model_dir, tmp_path):
+    options = {"reweight_warmup_steps": 2, "max_steps": 4, "save_steps": 1, "save_strategy": "steps"}
+    straight = make_trainer(lab_model_dir, tmp_path / "straight", **options)
+    expected = trained(straight)
+    ess = straight._metrics["train"]["reweight/effective_sample_size"]
+    history = [e for e in straight.state.log_history if "reweight/effective_sample_size" in e]
+    assert [e["reweight/effective_sample_size"] for e in history[:2]] == [4.0, 4.0]  # uniform: every sample counts
+    assert all(e["reweight/effective_sample_size"] < 4.0 for e in history[2:])
+    assert ess is not None
+    resumed = make_trainer(lab_model_dir, tmp_path / "resumed", **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-1"))
+    for name, value in expected.items():
+        torch.testing.assert_close(dict(resumed.model.named_parameters())[name].detach(), value, rtol=0, atol=1e-7)
+    straight_losses = [e["loss"] for e in straight.state.log_history if "loss" in e]
+    resumed_losses = [e["loss"] for e in resumed.state.log_history if "loss" in e]
+    assert resumed_losses[-3:] == pytest.approx(straight_losses[-3:], rel=1e-6)
+
+
+def test_r_schedule_moves_linearly_after_the_warmup(tmp_path):
+    args = ReweightConfig(str(tmp_path), use_cpu=True, bf16=False, reweight_r=0.4, reweight_r_start=2.0,
+                          reweight_r_decay_steps=4, reweight_warmup_steps=10)
+    assert [args.r_at(s) for s in (10, 12, 14, 20)] == pytest.approx([2.0, 1.2, 0.4, 0.4])
+
+
+def test_packed_padding_free_batches_weight_each_document(lab_model_dir, tmp_path):
+    trainer = make_trainer(lab_model_dir, tmp_path, packing=True, padding_free=True, max_length=128,
+                           reweight_strategy="uniform", max_steps=1, per_device_train_batch_size=2)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    documents = int(batch["seq_idx"].max()) + 1
+    assert batch["input_ids"].shape[0] == 1 and documents > 2  # two packed rows of several documents, flattened
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(trainer.model, batch)
+    assert trainer._metrics["train"]["reweight/effective_sample_size"][-1] == pytest.approx(documents)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"reweight_strategy": "linear"}, "valid strategies: uniform, linupper, quadratic, extremes"),
+    ({"reweight_r": 0.0}, "reweight_r and reweight_delta must be > 0"),
+    ({"reweight_r_decay_steps": 5}, "set both, or neither"),
+    ({"reweight_r_start": 2.0}, "reweight_r_decay_steps > 0"),
+])
+def test_config_refusals(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        ReweightConfig(str(tmp_path), use_cpu=True, bf16=False, **options)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_equal_one_process_under_ddp_and_zero3(lab_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from test_recipes import REPO, launch
+
+    script = REPO / "tests" / "scripts" / "reweight_step.py"
+    runs = {}
+    for config, batch in (("single_process.yaml", "8"), ("multi_process.yaml", "4"), ("deepspeed_zero3.yaml", "4")):
+        runs[config] = tmp_path / config
+        launch(config, script, "--output_dir", str(runs[config]), "--per_device_train_batch_size", batch)
+    weights = {config: load_file(path / "model.safetensors") for config, path in runs.items()}
+    one = weights["single_process.yaml"]
+    for config in ("multi_process.yaml", "deepspeed_zero3.yaml"):
+        for name, value in one.items():
+            torch.testing.assert_close(weights[config][name], value, rtol=0, atol=2e-6,
+                                       msg=lambda m, name=name, config=config: f"{config} {name}: {m}")
+    logs = {config: [e for e in json.loads((path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+            for config, path in runs.items()}
+    for config in ("multi_process.yaml", "deepspeed_zero3.yaml"):
+        for mine, single in zip(logs[config], logs["single_process.yaml"], strict=True):
+            assert mine["loss"] == pytest.approx(single["loss"], rel=1e-5)
+            assert mine["reweight/effective_sample_size"] == pytest.approx(single["reweight/effective_sample_size"],
+                                                                           rel=1e-5)
+            assert mine["reweight/effective_sample_size"] < 8.0  # weighted, over all 8 samples of both processes
