@@ -26,6 +26,7 @@ from llmreg.lab import (
     safety_harmful_dataset,
 )
 from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
+from llmreg.reweight import ReweightConfig, ReweightTrainer
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.spin import SPINConfig, SPINTrainer
@@ -205,9 +206,26 @@ def make_l1_case():
     return make_lora_case(with_l1_penalty(SFTTrainer), l1_lambda=0.01)
 
 
+def make_reweight_case():
+    """ReweightTrainer (LinUpper, r = 1, after no warmup) against SFTTrainer on the lab arithmetic task."""
+    model_dir = str(ensure_lab_model())
+    dataset = arithmetic_dataset(NUM_EXAMPLES)
+    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=8, max_length=128, learning_rate=1e-4)
+
+    def make_candidate():
+        args = ReweightConfig(**kwargs, reweight_strategy="linupper", reweight_r=1.0)
+        return ReweightTrainer(model=model_dir, args=args, train_dataset=dataset)
+
+    def make_baseline():
+        return SFTTrainer(model=model_dir, args=SFTConfig(**kwargs), train_dataset=dataset)
+
+    return make_candidate, make_baseline
+
+
 CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case,
          "booster": make_booster_case, "booster_equal_passes": make_booster_equal_passes_case,
-         "vaccine": make_vaccine_case, "lora_dropout": make_lora_dropout_case, "l1": make_l1_case}
+         "vaccine": make_vaccine_case, "lora_dropout": make_lora_dropout_case, "l1": make_l1_case,
+         "reweight": make_reweight_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 import booster
 import ftaas
 import lora_dropout
+import reweight
 import rpg
 import rspo
 import sft
@@ -120,7 +121,7 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
 @pytest.mark.parametrize(("recipe", "config"), [
     (sft, "sft.yaml"), (rpg, "rpg_lab.yaml"), (rspo, "rspo_lab.yaml"), (spin, "spin_lab.yaml"),
     (booster, "booster_lab.yaml"), (ftaas, "ftaas_lab.yaml"), (lora_dropout, "lora_dropout_lab.yaml"),
-    (unlearn, "unlearn_lab.yaml"),
+    (unlearn, "unlearn_lab.yaml"), (reweight, "reweight_lab.yaml"),
 ])
 def test_no_arguments_run_what_the_shipped_lab_config_spells_out(recipe, config):
     path = str(Path(__file__).parents[1] / "recipes" / "configs" / config)
@@ -147,7 +148,7 @@ def test_recipes_are_offline_unless_the_user_says_otherwise(environment, offline
 
 @pytest.mark.parametrize(("recipe", "config"), [
     (rpg, "rpg.yaml"), (rspo, "rspo.yaml"), (spin, "spin.yaml"), (booster, "booster.yaml"), (ftaas, "ftaas.yaml"),
-    (unlearn, "unlearn.yaml"),
+    (unlearn, "unlearn.yaml"), (reweight, "reweight.yaml"),
 ])
 def test_paper_configs_name_only_known_fields(recipe, config):
     # The paper settings cannot run here (no hub, no GPU), but every key must be a field the recipe knows.

@@ -47,7 +47,8 @@ def test_uniform_is_sft_exactly_with_gradient_accumulation(lab_model_dir, tmp_pa
     losses = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (reweighted, sft)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     start = make_trainer(lab_model_dir, tmp_path / "start", dataset).model.state_dict()
-    assert all(not torch.equal(after[name], start[name]) for name in ("model.embed_tokens.weight", "model.norm.weight"))
+    assert all(not torch.equal(after[name], start[name]) for name in ("model.embed_tokens.weight",
+                                                                      "model.norm.weight"))
 
 
 @pytest.mark.parametrize("strategy", ["linupper", "quadratic", "extremes"])
@@ -143,3 +144,29 @@ def test_two_processes_equal_one_process_under_ddp_and_zero3(lab_model_dir, tmp_
             assert mine["reweight/effective_sample_size"] == pytest.approx(single["reweight/effective_sample_size"],
                                                                            rel=1e-5)
             assert mine["reweight/effective_sample_size"] < 8.0  # weighted, over all 8 samples of both processes
+
+
+def test_the_recipe_compares_strategies_from_the_same_start(lab_model_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from llmreg.recipe_utils import parse_recipe_args
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
+    import reweight
+
+    assert reweight.steps_to_reach([(5, 3.0), (10, 2.0), (15, 2.5)], 2.2) == 10
+    assert reweight.steps_to_reach([(5, 3.0)], 2.2) is None
+    rows = reweight.main(*parse_recipe_args(reweight.make_parser(), [
+        "--model_name_or_path", str(lab_model_dir), "--output_dir", str(tmp_path), "--strategies", "uniform",
+        "linupper", "--max_steps", "6", "--eval_steps", "3", "--num_train_samples", "96", "--num_eval_samples", "16",
+        "--use_cpu", "--bf16", "false"]))
+    by_strategy = {row["strategy"]: row for row in rows}
+    uniform, linupper = by_strategy["uniform"], by_strategy["linupper"]
+    assert [step for step, _ in uniform["curve"]] == [0, 3, 6]
+    # The same initialization (the held-out loss at step 0); the weights then make the curves part.
+    assert linupper["curve"][0][1] == pytest.approx(uniform["curve"][0][1], rel=1e-6)
+    assert linupper["curve"][-1][1] != pytest.approx(uniform["curve"][-1][1], rel=1e-6)
+    assert uniform["steps_to_uniform_final"] == reweight.steps_to_reach(uniform["curve"], uniform["curve"][-1][1])
+    assert (tmp_path / "reweight_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| linupper |" in (tmp_path / "reweight_results.md").read_text()
