@@ -206,8 +206,10 @@ def make_l1_case():
     return make_lora_case(with_l1_penalty(SFTTrainer), l1_lambda=0.01)
 
 
-def make_reweight_case():
-    """ReweightTrainer (LinUpper, r = 1, after no warmup) against SFTTrainer on the lab arithmetic task."""
+def make_reweight_case(baseline: str = "sft"):
+    """ReweightTrainer (LinUpper, r = 1, no warmup) against SFTTrainer on the lab arithmetic task, or, with
+    ``baseline="uniform"``, against ReweightTrainer with uniform weights (SFT's loss computed the same way), which
+    isolates the weighting's own cost: SFTTrainer also computes its entropy and token-accuracy metrics every step."""
     model_dir = str(ensure_lab_model())
     dataset = arithmetic_dataset(NUM_EXAMPLES)
     kwargs = dict(COMMON_ARGS, per_device_train_batch_size=8, max_length=128, learning_rate=1e-4)
@@ -217,15 +219,22 @@ def make_reweight_case():
         return ReweightTrainer(model=model_dir, args=args, train_dataset=dataset)
 
     def make_baseline():
+        if baseline == "uniform":
+            args = ReweightConfig(**kwargs, reweight_strategy="uniform")
+            return ReweightTrainer(model=model_dir, args=args, train_dataset=dataset)
         return SFTTrainer(model=model_dir, args=SFTConfig(**kwargs), train_dataset=dataset)
 
     return make_candidate, make_baseline
 
 
+def make_reweight_vs_uniform_case():
+    return make_reweight_case(baseline="uniform")
+
+
 CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case,
          "booster": make_booster_case, "booster_equal_passes": make_booster_equal_passes_case,
          "vaccine": make_vaccine_case, "lora_dropout": make_lora_dropout_case, "l1": make_l1_case,
-         "reweight": make_reweight_case}
+         "reweight": make_reweight_case, "reweight_vs_uniform": make_reweight_vs_uniform_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",
