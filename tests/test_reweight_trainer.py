@@ -32,9 +32,12 @@ def trained(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-@pytest.mark.parametrize("data", ["corpus", "arithmetic"])
+@pytest.mark.parametrize("data", ["text", "prompt-completion", "messages"])
 def test_uniform_is_sft_exactly_with_gradient_accumulation(lab_model_dir, tmp_path, data):
-    dataset = corpus_dataset(64) if data == "corpus" else arithmetic_dataset(64)
+    dataset = corpus_dataset(64) if data == "text" else arithmetic_dataset(64)
+    if data == "messages":
+        dataset = dataset.map(lambda row: {"messages": row["prompt"] + row["completion"]},
+                              remove_columns=dataset.column_names)
     options = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 3}
     reweighted = make_trainer(lab_model_dir, tmp_path / "uniform", dataset, reweight_strategy="uniform", **options)
     after = trained(reweighted)
