@@ -68,6 +68,30 @@ def test_sft_two_processes(accelerate_config, lab_model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_sft_two_nodes_on_localhost(lab_model_dir, tmp_path):
+    # Two launchers of one process each, as two machines would run them, meeting on 127.0.0.1: the shipped multi-node
+    # config works, and both "machines" train (the epoch fraction counts 2 processes).
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    commands = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 str(REPO / "accelerate_configs" / "multi_node.yaml"), "--machine_rank", str(rank),
+                 "--main_process_ip", "127.0.0.1", "--main_process_port", port, str(REPO / "recipes" / "sft.py"),
+                 "--config", str(REPO / "recipes" / "configs" / "sft.yaml"), "--max_steps", "3", "--logging_steps",
+                 "1", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path)] for rank in (0, 1)]
+    machines = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for command in commands]
+    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    for machine, output in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, output[-4000:]
+    assert_trained(tmp_path, lab_model_dir, world_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_zero3_with_a_reference_model_built_by_trl(lab_model_dir, tmp_path):
     # The script loads its policy before parsing. Without llmreg's deepspeed.comm initialization in the parser, TRL's
     # reference model then fails in DPOTrainer.__init__ with ZeRO-3's "train_batch_size is not equal to
