@@ -106,11 +106,16 @@ class _StepMeter(TrainerCallback):
     def __init__(self):
         self.step_seconds: list[float] = []
         self.peak_bytes = 0
+        # Input tokens and seconds of the measured steps that follow another step of the same round: the tokens of
+        # a step are the growth of the Trainer's count (``include_num_input_tokens_seen``) from one step end to the
+        # next, whenever within the step the Trainer counts them.
+        self.counted_tokens, self.counted_seconds = 0, 0.0
         self._memory = _CudaPeak() if torch.cuda.is_available() else _RssPeak()
 
     def start_round(self, steps: int, skip: int) -> None:
         """Measure the next ``steps`` optimizer steps after ``skip`` unmeasured warm-up steps, then stop training."""
         self._steps, self._skip, self._done = steps, skip, 0
+        self._tokens_at_last_end = None
         self.round_complete = False
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -125,6 +130,10 @@ class _StepMeter(TrainerCallback):
         self._done += 1
         if self._done > self._skip:
             self.step_seconds.append(seconds)
+            if self._tokens_at_last_end is not None:
+                self.counted_tokens += state.num_input_tokens_seen - self._tokens_at_last_end
+                self.counted_seconds += seconds
+        self._tokens_at_last_end = state.num_input_tokens_seen
         if self._done == self._skip + self._steps:
             self.peak_bytes = max(self.peak_bytes, self._memory.stop())
             self.round_complete = True
@@ -143,6 +152,8 @@ def _summary(trainer: Trainer, meter: _StepMeter) -> dict:
         "step_ms": step_ms,
         "median_ms": statistics.median(step_ms),
         "peak_mib": meter.peak_bytes / MIB,
+        # 0 when the trainer's batches carry no input_ids to count (GRPO's prompt/completion ids, for one).
+        "tokens_per_s": meter.counted_tokens / meter.counted_seconds if meter.counted_seconds else 0.0,
     }
 
 

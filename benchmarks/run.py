@@ -52,7 +52,14 @@ COMMON_ARGS = dict(
     dataloader_num_workers=0,
     seed=0,
     max_steps=MAX_STEPS,
+    include_num_input_tokens_seen="non_padding",  # for tokens/s
 )
+# --model replaces the lab model (benchmarks/gpu_check.sh passes a random ~0.5B model); --bf16 sets bf16 on both sides.
+MODEL_DIR: str | None = None
+
+
+def benchmark_model() -> str:
+    return MODEL_DIR or str(ensure_lab_model())
 
 
 def sft_config() -> SFTConfig:
@@ -62,7 +69,7 @@ def sft_config() -> SFTConfig:
 
 def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
     """``trainer_cls`` (default: SFTTrainer itself, a sanity check with ratios near 1) against TRL's SFTTrainer."""
-    model_dir = str(ensure_lab_model())
+    model_dir = benchmark_model()
     dataset = arithmetic_dataset(NUM_EXAMPLES)
 
     def make_candidate():
@@ -83,7 +90,7 @@ def grpo_kwargs() -> dict:
 
 def make_rpg_case():
     """RPGTrainer (UFKL, full estimator, old policy as reference) against GRPOTrainer with beta = 0 (no KL)."""
-    model_dir = str(ensure_lab_model())
+    model_dir = benchmark_model()
     dataset = arithmetic_dataset(NUM_EXAMPLES)
 
     def make_candidate():
@@ -118,7 +125,7 @@ def preference_kwargs() -> dict:
 def make_selfplay_case(config_cls, trainer_cls, **method_args):
     """``trainer_cls`` against TRL's DPOTrainer (sigmoid loss), both with precomputed reference log-probs; the
     candidate's base model (the lab model's own weights, loaded from its path) is precomputed too."""
-    model_dir = str(ensure_lab_model())
+    model_dir = benchmark_model()
     dataset = preference_dataset()
 
     def make_candidate():
@@ -144,7 +151,7 @@ def make_spin_case():
 def make_alignment_case(harmful=None, **booster_args):
     """BoosterTrainer with ``booster_args`` against SFTTrainer on the lab safety-alignment data, batches of 10
     alignment (and 10 harmful) rows as in the paper."""
-    model_dir = str(ensure_lab_model())
+    model_dir = benchmark_model()
     alignment = safety_alignment_dataset()
     harmful = safety_harmful_dataset() if harmful is None else harmful
     kwargs = dict(COMMON_ARGS, per_device_train_batch_size=10, max_length=128, learning_rate=1e-4)
@@ -179,7 +186,7 @@ def make_vaccine_case():
 def make_lora_case(trainer_cls, **extra):
     """``trainer_cls`` with ``extra`` against SFTTrainer, both with the same LoRA adapter (r = 16 on every linear
     layer) on the lab arithmetic task."""
-    model_dir = str(ensure_lab_model())
+    model_dir = benchmark_model()
     dataset = arithmetic_dataset(NUM_EXAMPLES)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -210,7 +217,7 @@ def make_reweight_case(baseline: str = "sft"):
     """ReweightTrainer (LinUpper, r = 1, no warmup) against SFTTrainer on the lab arithmetic task, or, with
     ``baseline="uniform"``, against ReweightTrainer with uniform weights (SFT's loss computed the same way), which
     isolates the weighting's own cost: SFTTrainer also computes its entropy and token-accuracy metrics every step."""
-    model_dir = str(ensure_lab_model())
+    model_dir = benchmark_model()
     dataset = arithmetic_dataset(NUM_EXAMPLES)
     kwargs = dict(COMMON_ARGS, per_device_train_batch_size=8, max_length=128, learning_rate=1e-4)
 
@@ -238,7 +245,7 @@ CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "sp
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",
-    "peak MiB cand", "peak MiB base", "mem ratio",
+    "peak MiB cand", "peak MiB base", "mem ratio", "tokens/s cand", "tokens/s base",
 ]
 
 
@@ -248,6 +255,7 @@ def table_row(case: str, result: dict) -> list[str]:
         case, candidate["trainer"], baseline["trainer"], str(result["steps"]),
         f"{candidate['median_ms']:.1f}", f"{baseline['median_ms']:.1f}", f"{result['time_ratio']:.2f}",
         f"{candidate['peak_mib']:.1f}", f"{baseline['peak_mib']:.1f}", f"{result['mem_ratio']:.2f}",
+        *(f"{side['tokens_per_s']:.0f}" if side["tokens_per_s"] else "—" for side in (candidate, baseline)),
     ]
 
 
@@ -264,11 +272,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-per-round", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--model", help="a model directory to benchmark instead of the lab model")
+    parser.add_argument("--bf16", action="store_true", help="train both sides in bf16 (GPUs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global MODEL_DIR
+    MODEL_DIR = args.model
+    COMMON_ARGS["bf16"] = args.bf16
 
-    print(f"device: {device_description()}, torch {torch.__version__}")
+    print(f"device: {device_description()}, torch {torch.__version__}, model: {MODEL_DIR or 'the lab model'}"
+          f"{', bf16' if args.bf16 else ''}")
     rows = []
     for case in args.cases:
         make_candidate, make_baseline = CASES[case]()

@@ -91,3 +91,21 @@ def test_compare_rejects_a_trainer_whose_max_steps_cannot_hold_a_round():
 
     with pytest.raises(ValueError, match="max_steps"):
         harness.compare(make_short, make_short, rounds=1, steps_per_round=3, warmup_steps=2)
+
+
+def test_run_benchmarks_a_given_model_directory_and_counts_tokens(tmp_path, capsys, monkeypatch):
+    # What benchmarks/gpu_check.sh does with a random ~0.5B model, at the lab model's size: --model replaces the lab
+    # model, and tokens/s comes from the Trainer's count of non-padding input tokens.
+    import random_model
+    import run
+
+    monkeypatch.setattr(run, "MODEL_DIR", None)  # main() sets the module's global; restored after the test
+    model_dir = tmp_path / "model"
+    assert random_model.build("tiny", model_dir) > 100_000
+    run.main(["--model", str(model_dir), "--cases", "sft", "--rounds", "1", "--steps-per-round", "2",
+              "--warmup", "1", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert f"model: {model_dir}" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| sft "))
+    tokens_cand, tokens_base = (float(cell) for cell in row.strip(" |").split("|")[-2:])
+    assert tokens_cand > 0 and tokens_base > 0
