@@ -24,12 +24,13 @@ SIZES = {
 }
 
 
-def build(size: str, output_dir: Path, seed: int = 0) -> int:
-    """Save the model and the lab tokenizer to ``output_dir``; returns the parameter count."""
+def build(size: str, output_dir: Path, seed: int = 0, **overrides) -> int:
+    """Save the model (``SIZES[size]``, with ``overrides`` of its config fields) and the lab tokenizer to
+    ``output_dir``; returns the parameter count."""
     lab = ensure_lab_model()
     tokenizer = AutoTokenizer.from_pretrained(lab)
     lab_config = Qwen2Config.from_pretrained(lab)
-    config = Qwen2Config(**SIZES[size], vocab_size=lab_config.vocab_size, max_position_embeddings=512,
+    config = Qwen2Config(**{**SIZES[size], **overrides}, vocab_size=lab_config.vocab_size, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=lab_config.eos_token_id,
                          pad_token_id=lab_config.pad_token_id)
     torch.manual_seed(seed)

@@ -56,6 +56,31 @@ COMMON_ARGS = dict(
 )
 # --model replaces the lab model (benchmarks/gpu_check.sh passes a random ~0.5B model); --bf16 sets bf16 on both sides.
 MODEL_DIR: str | None = None
+# benchmarks/cost_growth.py grows the work: every per-device batch times "batch", and "filler_words" words before each
+# prompt (so sequences grow; max_length grows with them so nothing is cut).
+SCALE = {"batch": 1, "filler_words": 0}
+_FILLER = ["the", "river", "carried", "old", "boats", "past", "quiet", "mills", "and", "bright", "towers"]
+
+
+def batch(size: int) -> int:
+    return size * SCALE["batch"]
+
+
+def max_length() -> int:
+    return 128 + 2 * SCALE["filler_words"]
+
+
+def prompts_lengthened(dataset: Dataset) -> Dataset:
+    """``dataset`` with SCALE["filler_words"] words before the first message of every prompt."""
+    if SCALE["filler_words"] == 0:
+        return dataset
+    filler = " ".join(_FILLER[i % len(_FILLER)] for i in range(SCALE["filler_words"]))
+
+    def lengthen(row):
+        first, *rest = row["prompt"]
+        return {"prompt": [{**first, "content": f"{filler} {first['content']}"}, *rest]}
+
+    return dataset.map(lengthen)
 
 
 def benchmark_model() -> str:
@@ -64,13 +89,14 @@ def benchmark_model() -> str:
 
 def sft_config() -> SFTConfig:
     """SFT arguments shared by every case: small batches of the lab task."""
-    return SFTConfig(**{**COMMON_ARGS, "per_device_train_batch_size": 8, "max_length": 128, "learning_rate": 1e-4})
+    return SFTConfig(**{**COMMON_ARGS, "per_device_train_batch_size": batch(8), "max_length": max_length(),
+                        "learning_rate": 1e-4})
 
 
 def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
     """``trainer_cls`` (default: SFTTrainer itself, a sanity check with ratios near 1) against TRL's SFTTrainer."""
     model_dir = benchmark_model()
-    dataset = arithmetic_dataset(NUM_EXAMPLES)
+    dataset = prompts_lengthened(arithmetic_dataset(NUM_EXAMPLES))
 
     def make_candidate():
         return trainer_cls(model=model_dir, args=sft_config(), train_dataset=dataset)
@@ -84,14 +110,14 @@ def make_sft_case(trainer_cls: type[SFTTrainer] = SFTTrainer):
 def grpo_kwargs() -> dict:
     """GRPO/RPG arguments shared by both sides: the same generation batch, clip range and reward scaling, so the
     trainers differ only in their loss."""
-    return dict(COMMON_ARGS, per_device_train_batch_size=16, num_generations=8, max_completion_length=16,
+    return dict(COMMON_ARGS, per_device_train_batch_size=batch(16), num_generations=8, max_completion_length=16,
                 learning_rate=1e-5, steps_per_generation=4, epsilon_high=0.28, scale_rewards="none")
 
 
 def make_rpg_case():
     """RPGTrainer (UFKL, full estimator, old policy as reference) against GRPOTrainer with beta = 0 (no KL)."""
     model_dir = benchmark_model()
-    dataset = arithmetic_dataset(NUM_EXAMPLES)
+    dataset = prompts_lengthened(arithmetic_dataset(NUM_EXAMPLES))
 
     def make_candidate():
         return RPGTrainer(model_dir, arithmetic_reward, args=RPGConfig(**grpo_kwargs()), train_dataset=dataset)
@@ -104,7 +130,7 @@ def make_rpg_case():
 
 def preference_dataset() -> Dataset:
     """Lab arithmetic pairs: the right answer against a wrong one, with SPPO's win-probability columns."""
-    rows = arithmetic_dataset(NUM_EXAMPLES)
+    rows = prompts_lengthened(arithmetic_dataset(NUM_EXAMPLES))
     wrong = [[{"role": "assistant", "content": f"{message[0]['content'].split('=')[0]}= {int(answer) + 1}"}]
              for message, answer in zip(rows["completion"], rows["answer"])]
     return Dataset.from_dict({
@@ -118,7 +144,7 @@ def preference_dataset() -> Dataset:
 def preference_kwargs() -> dict:
     """DPO-family arguments shared by both sides: reference log-probs precomputed before training (no reference
     model in memory), the same batches."""
-    return dict(COMMON_ARGS, per_device_train_batch_size=8, max_length=128, learning_rate=1e-5,
+    return dict(COMMON_ARGS, per_device_train_batch_size=batch(8), max_length=max_length(), learning_rate=1e-5,
                 precompute_ref_log_probs=True)
 
 
@@ -152,12 +178,12 @@ def make_alignment_case(harmful=None, **booster_args):
     """BoosterTrainer with ``booster_args`` against SFTTrainer on the lab safety-alignment data, batches of 10
     alignment (and 10 harmful) rows as in the paper."""
     model_dir = benchmark_model()
-    alignment = safety_alignment_dataset()
-    harmful = safety_harmful_dataset() if harmful is None else harmful
-    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=10, max_length=128, learning_rate=1e-4)
+    alignment = prompts_lengthened(safety_alignment_dataset())
+    harmful = prompts_lengthened(safety_harmful_dataset() if harmful is None else harmful)
+    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=batch(10), max_length=max_length(), learning_rate=1e-4)
 
     def make_candidate():
-        args = BoosterConfig(**kwargs, harmful_batch_size=10, **booster_args)
+        args = BoosterConfig(**kwargs, harmful_batch_size=batch(10), **booster_args)
         return BoosterTrainer(model_dir, args=args, train_dataset=alignment, harmful_dataset=harmful)
 
     def make_baseline():
@@ -187,7 +213,7 @@ def make_lora_case(trainer_cls, **extra):
     """``trainer_cls`` with ``extra`` against SFTTrainer, both with the same LoRA adapter (r = 16 on every linear
     layer) on the lab arithmetic task."""
     model_dir = benchmark_model()
-    dataset = arithmetic_dataset(NUM_EXAMPLES)
+    dataset = prompts_lengthened(arithmetic_dataset(NUM_EXAMPLES))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def lora():
@@ -218,8 +244,8 @@ def make_reweight_case(baseline: str = "sft"):
     ``baseline="uniform"``, against ReweightTrainer with uniform weights (SFT's loss computed the same way), which
     isolates the weighting's own cost: SFTTrainer also computes its entropy and token-accuracy metrics every step."""
     model_dir = benchmark_model()
-    dataset = arithmetic_dataset(NUM_EXAMPLES)
-    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=8, max_length=128, learning_rate=1e-4)
+    dataset = prompts_lengthened(arithmetic_dataset(NUM_EXAMPLES))
+    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=batch(8), max_length=max_length(), learning_rate=1e-4)
 
     def make_candidate():
         args = ReweightConfig(**kwargs, reweight_strategy="linupper", reweight_r=1.0)

@@ -109,3 +109,25 @@ def test_run_benchmarks_a_given_model_directory_and_counts_tokens(tmp_path, caps
     row = next(line for line in printed.splitlines() if line.startswith("| sft "))
     tokens_cand, tokens_base = (float(cell) for cell in row.strip(" |").split("|")[-2:])
     assert tokens_cand > 0 and tokens_base > 0
+
+
+@pytest.mark.slow
+def test_cost_growth_grows_the_work_along_each_dimension(tmp_path):
+    # One case, one short round per point: the script's plumbing, and that each dimension grows what it says.
+    import cost_growth
+    import run
+
+    try:
+        rows = cost_growth.main(["--cases", "l1", "--rounds", "1", "--steps-per-round", "2", "--warmup", "1",
+                                 "--output-dir", str(tmp_path)])
+    finally:
+        run.MODEL_DIR, run.SCALE["batch"], run.SCALE["filler_words"] = None, 1, 0
+    tokens = {(r["dimension"], r["factor"]): r["tokens_per_step"] for r in rows}
+    milliseconds = {(r["dimension"], r["factor"]): r["median_ms"] for r in rows}
+    base = tokens[("base", 1)]
+    assert 1.5 * base < tokens[("sequence", 2)] < tokens[("sequence", 4)]
+    assert 1.5 * base < tokens[("batch", 2)] < tokens[("batch", 4)]
+    assert tokens[("width", 4)] == pytest.approx(base, rel=0.05)  # the same batches, a wider model
+    assert milliseconds[("width", 4)] > milliseconds[("base", 1)]
+    assert (tmp_path / "cost_growth.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| l1 | width ×4 |" in (tmp_path / "cost_growth.md").read_text()
