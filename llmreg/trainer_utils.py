@@ -146,6 +146,30 @@ def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[t
                            "(requires_grad=False).")
 
 
+def loss_token_mask(batch: dict) -> torch.Tensor:
+    """The tokens that count in a causal LM's loss: the labels shifted by one, where not -100."""
+    return batch["labels"][:, 1:] != -100
+
+
+class PrefetchedStepMixin:
+    """Keeps the micro-batches the Trainer fetches for an optimizer step (``get_batch_samples``, before the step's
+    first micro-batch trains), for trainers that normalize by step-wide counts."""
+
+    _step_batches: list | None = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batches = batch_samples
+        return batch_samples, num_items
+
+    def take_step_batches(self, inputs: dict) -> list[dict]:
+        """At a step's first micro-batch: the step's micro-batches, or ``[inputs]`` when ``training_step`` is called
+        outside the Trainer's loop (then the step is that batch)."""
+        batches = self._step_batches if self._step_batches is not None else [inputs]
+        self._step_batches = None
+        return batches
+
+
 class StepIndexedRows:
     """The rows of a side dataset (Booster's harmful data, unlearning's retain data) that batch ``index`` draws: a
     function of the index alone, so that a run resumed from a checkpoint draws what a straight run does. Each pass over

@@ -25,16 +25,13 @@ from trl import SFTTrainer
 
 from llmreg.losses.reweighting import per_sample_losses, sample_weights
 from llmreg.reweight.reweight_config import ReweightConfig
+from llmreg.trainer_utils import PrefetchedStepMixin, loss_token_mask
 
 
 logger = logging.getLogger(__name__)
 
 
-def _answer_tokens(batch: dict) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-class ReweightTrainer(SFTTrainer):
+class ReweightTrainer(PrefetchedStepMixin, SFTTrainer):
     """SFT or pretraining with loss-based sample reweighting (https://arxiv.org/abs/2502.06733).
 
     >>> from llmreg.reweight import ReweightConfig, ReweightTrainer
@@ -58,15 +55,10 @@ class ReweightTrainer(SFTTrainer):
         # The returned loss is already this micro-batch's share of the step's token mean.
         self.loss_is_scaled_for_ga = True
         self._step_tokens: list[float] = []  # the step's token count, once per remaining micro-batch
-        self._pending = None  # the step's micro-batches, set by get_batch_samples
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._pending = batch_samples
-        return batch_samples, num_items
 
     def _count_step_tokens(self, batches: list[dict]) -> list[float]:
-        count = torch.tensor(float(sum(_answer_tokens(b) for b in batches)), device=self.accelerator.device)
+        tokens = sum(int(loss_token_mask(b).sum()) for b in batches)
+        count = torch.tensor(float(tokens), device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.reduce(count, reduction="sum")
         return [count.item()] * len(batches)
@@ -78,7 +70,7 @@ class ReweightTrainer(SFTTrainer):
         if self.accelerator.num_processes == 1:
             return local[:, 0], local[:, 1], 0
         sizes = self.accelerator.gather(torch.tensor([len(local)], device=local.device))
-        padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=-1)
+        padded = torch.nn.functional.pad(local, (0, 0, 0, int(sizes.max()) - len(local)), value=-1.0)
         everything = self.accelerator.gather(padded).view(self.accelerator.num_processes, -1, 2)
         pieces = [everything[rank, :size] for rank, size in enumerate(sizes.tolist())]
         start = int(sizes[:self.accelerator.process_index].sum())
@@ -88,11 +80,8 @@ class ReweightTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the plain SFT loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not self._step_tokens:
-            # Trainer's loop prefetched the step's micro-batches; called on its own, the step is this batch.
-            batches = self._pending if self._pending is not None else [inputs]
-            self._pending = None
-            self._step_tokens = self._count_step_tokens(batches)
+        if not self._step_tokens:  # the step's first micro-batch
+            self._step_tokens = self._count_step_tokens(self.take_step_batches(inputs))
         step_tokens = self._step_tokens.pop(0)
 
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}

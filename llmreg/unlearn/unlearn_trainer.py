@@ -34,7 +34,13 @@ from llmreg.losses.unlearning import (
     scrub_loss,
     vocab_kl,
 )
-from llmreg.trainer_utils import SFT_FORMATS, StepIndexedRows, check_dataset_columns
+from llmreg.trainer_utils import (
+    SFT_FORMATS,
+    PrefetchedStepMixin,
+    StepIndexedRows,
+    check_dataset_columns,
+    loss_token_mask,
+)
 from llmreg.unlearn.unlearn_config import (
     IDK_ANSWERS,
     IDK_OBJECTIVES,
@@ -72,11 +78,6 @@ class _RowIndexCollator:
         return batch
 
 
-def _answer_tokens(batch: dict) -> torch.Tensor:
-    """The mask of the tokens each position predicts that count in the loss: labels shifted by one, not -100."""
-    return batch["labels"][:, 1:] != -100
-
-
 def _concatenated(batches: list[dict], pad_token_id: int) -> dict:
     """One batch of several (right-padded to the longest), for a single forward."""
     length = max(b["input_ids"].shape[1] for b in batches)
@@ -89,7 +90,7 @@ def _concatenated(batches: list[dict], pad_token_id: int) -> dict:
             "labels": torch.cat([pad(b["labels"], -100) for b in batches])}
 
 
-class UnlearnTrainer(L1PenaltyMixin, SFTTrainer):
+class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
     """Unlearning with CLEAR's objectives and ℓ1 penalty (https://arxiv.org/abs/2410.18057).
 
     >>> from peft import LoraConfig
@@ -175,7 +176,6 @@ class UnlearnTrainer(L1PenaltyMixin, SFTTrainer):
             self._idk_rows = prepared.select_columns(list(columns))
         self._control = None  # RMU's u, drawn at the first step
         self._queue: list[dict] = []  # (side batches, counts) per remaining micro-batch of the step
-        self._pending = None  # the step's micro-batches, set by get_batch_samples
 
     def _check_rmu_layers(self, model) -> None:
         num_layers = model.config.num_hidden_layers
@@ -198,11 +198,6 @@ class UnlearnTrainer(L1PenaltyMixin, SFTTrainer):
 
     # --- the step's side batches and counts --------------------------------------------------------------------------
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._pending = batch_samples
-        return batch_samples, num_items
-
     def _side_batch(self, rows, indices: list[int]) -> dict:
         return self._prepare_inputs(self.data_collator(list(rows.select(indices))))
 
@@ -213,15 +208,15 @@ class UnlearnTrainer(L1PenaltyMixin, SFTTrainer):
         plans, counts = [], torch.zeros(len(COUNTS), dtype=torch.float64)
         for micro, forget in enumerate(forget_batches):
             plan = {"forget": forget}
-            counts[0] += _answer_tokens(forget).sum().item()
+            counts[0] += loss_token_mask(forget).sum().item()
             counts[1] += len(forget["input_ids"])
             if objective in RETAIN_OBJECTIVES:
                 plan["retain"] = self._side_batch(self._retain_rows, self._retain_indices(step * accumulation + micro))
-                counts[2] += _answer_tokens(plan["retain"]).sum().item()
+                counts[2] += loss_token_mask(plan["retain"]).sum().item()
                 counts[3] += plan["retain"]["attention_mask"].sum().item()
             if objective in IDK_OBJECTIVES:
                 plan["idk"] = self._side_batch(self._idk_rows, forget[ROW].tolist())
-                counts[4] += _answer_tokens(plan["idk"]).sum().item()
+                counts[4] += loss_token_mask(plan["idk"]).sum().item()
             plans.append(plan)
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
@@ -235,11 +230,8 @@ class UnlearnTrainer(L1PenaltyMixin, SFTTrainer):
         if not model.training:  # evaluation: the plain SFT loss of the eval dataset
             inputs = {k: v for k, v in inputs.items() if k != ROW}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not self._queue:
-            # Trainer's loop prefetched the step's micro-batches; called on its own, the step is this batch.
-            batches = self._pending if self._pending is not None else [inputs]
-            self._pending = None
-            self._queue = self._plan_step([self._prepare_inputs(b) for b in batches])
+        if not self._queue:  # the step's first micro-batch
+            self._queue = self._plan_step([self._prepare_inputs(b) for b in self.take_step_batches(inputs)])
         plan = self._queue.pop(0)
         loss, metrics = self._objective(model, plan)
         values = torch.tensor(list(metrics.values()), device=self.accelerator.device)
@@ -283,19 +275,29 @@ class UnlearnTrainer(L1PenaltyMixin, SFTTrainer):
             teacher_logits = dict(zip(teacher_names, t_logits, strict=True))
             teacher_states = dict(zip(teacher_names, t_states or [None] * len(teacher_names), strict=True))
 
-        def token_logps(source, name):
-            labels = plan[name]["labels"][:, 1:]
-            logps = source[name][:, :-1].float().log_softmax(-1)
-            return logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1), labels != -100
+        cache = {}
+
+        def token_logps(source, name):  # once per batch and model: a log-softmax over the vocabulary
+            key = (source is logits, name)
+            if key not in cache:
+                labels = plan[name]["labels"][:, 1:]
+                logps = source[name][:, :-1].float().log_softmax(-1)
+                cache[key] = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1), labels != -100
+            return cache[key]
+
+        def local_mean(share, mask, count):
+            """The batch's own token mean, from its share of the step's: share · (step count) / (batch count)."""
+            return share.detach() * counts[count] / mask.sum().clamp(min=1)
 
         def ce(name, count):
             logps, mask = token_logps(logits, name)
-            return nll(logps, mask, counts[count]), nll(logps, mask).detach()
+            share = nll(logps, mask, counts[count])
+            return share, local_mean(share, mask, count)
 
         def kl(p_source, q_source, name, count):
-            mask = plan[name]["labels"][:, 1:] != -100
-            p, q = p_source[name][:, :-1], q_source[name][:, :-1]
-            return vocab_kl(p, q, mask, counts[count]), vocab_kl(p.detach(), q.detach(), mask)
+            mask = loss_token_mask(plan[name])
+            share = vocab_kl(p_source[name][:, :-1], q_source[name][:, :-1], mask, counts[count])
+            return share, local_mean(share, mask, count)
 
         def seq_logps(source, name):
             logps, mask = token_logps(source, name)
