@@ -26,7 +26,16 @@ from llmreg.recipe_utils import parse_recipe_args  # noqa: E402
 
 
 COLUMNS = {"forget_accuracy": "forget acc. (%)", "retain_accuracy": "retain acc. (%)",
-           "world_accuracy": "world acc. (%)", "forget_quality": "forget quality", "model_utility": "model utility"}
+           "world_accuracy": "world acc. (%)", "forget_quality": "forget quality", "model_utility": "model utility",
+           "b_near_zero": "LoRA B entries < 1e-3 (%)"}
+
+
+def b_near_zero(adapter: Path) -> float:
+    """The share (%) of the unlearning adapter's B entries below 1e-3 in magnitude: how much ℓ1 held it at 0."""
+    from safetensors.torch import load_file
+
+    tensors = [t for name, t in load_file(adapter).items() if "lora_B" in name]
+    return 100.0 * sum(int((t.abs() < 1e-3).sum()) for t in tensors) / sum(t.numel() for t in tensors)
 
 
 def cell(values: list[float]) -> str:
@@ -38,7 +47,8 @@ def cell(values: list[float]) -> str:
 def table(rows: dict[str, list[dict]]) -> str:
     lines = ["| model | seeds | " + " | ".join(COLUMNS.values()) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for name, runs in rows.items():
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cell([r[k] for r in runs]) for k in COLUMNS) + " |")
+        cells = [cell([r[k] for r in runs]) if k in runs[0] else "—" for k in COLUMNS]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,7 +84,9 @@ def main(argv: list[str] | None = None) -> str:
                         "--seed", str(seed), *extra])
                     row = recipe.unlearn(original, sets, training_args, model_args, gold_ratios)
                     row_file.write_text(json.dumps(row, indent=1))
-                rows.setdefault(name, []).append(json.loads(row_file.read_text()))
+                row = json.loads(row_file.read_text())
+                row["b_near_zero"] = b_near_zero(run_dir / "unlearned" / "adapter_model.safetensors")
+                rows.setdefault(name, []).append(row)
     result = table(rows)
     (args.output_dir / "unlearn_lab.md").write_text(result)
     print(result)
