@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
-from accelerate.utils import broadcast_object_list, tqdm
-from datasets import Dataset, concatenate_datasets
+from accelerate.utils import broadcast_object_list, gather_object, tqdm
+from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
@@ -109,6 +109,30 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
             self.data_collator = ColumnPassingCollator(self.data_collator, self.extra_columns,
                                                        self.data_collator.pad_token_id)
 
+    def on_shared_disk(self, dataset: Dataset, name: str) -> Dataset:
+        """``dataset``, stored where every process reads the same cache files.
+
+        The log-prob precomputes (TRL's for π_t, ``precompute_model_logps`` for the others) write their columns to a
+        cache file next to the dataset's own, from the main process, and every process then reads that file. A
+        dataset built in memory (``Dataset.from_dict``) has its cache files in each process's own temporary
+        directory, where the other processes would look for the file in vain. Such a dataset is saved once under
+        ``output_dir/datasets`` and every process loads it from there.
+        """
+        if self.accelerator.num_processes == 1:
+            return dataset
+        directories = gather_object([os.path.dirname(dataset._get_cache_file_path("probe"))])
+        if len(set(directories)) == 1:
+            return dataset
+        home = [str(Path(self.args.output_dir) / "datasets" / f"{name}-{dataset._fingerprint}")]
+        broadcast_object_list(home, from_process=0)
+        if self.accelerator.is_main_process and not (Path(home[0]) / "state.json").is_file():
+            dataset.save_to_disk(home[0])
+        self.accelerator.wait_for_everyone()
+        return load_from_disk(home[0])
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return super()._precompute_ref_logps(self.on_shared_disk(dataset, name), name, batch_size)
+
     def compute_ref_log_probs(self, model, inputs):
         # TRL passes every batch key except its own to the model: drop the extra columns first.
         return super().compute_ref_log_probs(model, {k: inputs[k] for k in MODEL_INPUT_KEYS})
@@ -165,6 +189,7 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
         Runs on all ranks (each scores its shard; the results are gathered), caches the columns next to the dataset's
         own cache files keyed by the dataset fingerprint and the weight files, and frees the model afterwards.
         """
+        dataset = self.on_shared_disk(dataset, name)
         fingerprint = [Hasher.hash((token_fingerprint(dataset), weights_fingerprint(model_name_or_path), prefix,
                                     str(self.model.dtype)))]
         broadcast_object_list(fingerprint, from_process=0)

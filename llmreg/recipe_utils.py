@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from huggingface_hub import constants
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig, TrlParser, get_quantization_config
 
 from llmreg.lab import LAB_DATASETS, LAB_MODEL_ID, load_lab_dataset, resolve_model_name_or_path
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
@@ -84,12 +84,21 @@ def load_recipe_dataset(script_args, split: str) -> Dataset:
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
-    """``from_pretrained`` keyword arguments from TRL's ``ModelConfig``, merged under ``training_args``' own."""
+    """``from_pretrained`` keyword arguments from TRL's ``ModelConfig``, merged under ``training_args``' own.
+
+    ``--load_in_4bit`` / ``--load_in_8bit`` add a bitsandbytes ``quantization_config`` (QLoRA with ``--use_peft``).
+    """
     kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        if not model_args.use_peft:
+            raise ValueError("--load_in_4bit / --load_in_8bit quantize the base model, whose weights then cannot be "
+                             "trained: add --use_peft to train a LoRA adapter on it (QLoRA).")
+        kwargs["quantization_config"] = quantization_config
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs

@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.lab import generate_completions, harmful_score, is_refusal, safety_eval_prompts
@@ -60,7 +60,6 @@ def main(script_args: BoosterScriptArguments, training_args: BoosterConfig, mode
         train_dataset=train_dataset,
         harmful_dataset=harmful_dataset,
         peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
     )
     on_lab = script_args.dataset_name.startswith("llmreg/") and not model_args.use_peft
     accelerator = trainer.accelerator

@@ -20,6 +20,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_co
 from llmreg.lab import expected_calibration_error
 from llmreg.lora_dropout import LoRADropoutConfig, choice_probabilities, with_lora_dropout
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.trainer_utils import reset_accelerator_state
 
 
 @dataclass
@@ -58,6 +59,7 @@ def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, tr
         training_args.output_dir = str(base_dir / ("lora" if p == 0 else "lora_dropout"))
         config = LoRADropoutConfig(lora_dropout_p=p, lora_dropout_train_samples=dropout.lora_dropout_train_samples if p
                                    else 1, lora_dropout_per_example=dropout.lora_dropout_per_example)
+        reset_accelerator_state()  # a second Trainer under DeepSpeed needs its own Accelerator
         trainer = with_lora_dropout(SFTTrainer)(model_args.model_name_or_path, args=training_args, train_dataset=train,
                                                 eval_dataset=heldout, peft_config=get_peft_config(model_args),
                                                 lora_dropout=config)

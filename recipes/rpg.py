@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.lab import arithmetic_accuracy
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
@@ -54,7 +54,6 @@ def main(script_args: RPGScriptArguments, training_args: RPGConfig, model_args: 
         args=training_args,
         train_dataset=train_dataset,
         peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
     )
     # Held-out accuracy is measured from the saved weights on the main process, so it works under any launcher.
     on_lab_task = script_args.dataset_name == "llmreg/arithmetic" and not model_args.use_peft

@@ -12,7 +12,7 @@ Any model and dataset TRL's SFTTrainer accepts work too (LoRA with ``--use_peft`
     accelerate launch recipes/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara
 """
 
-from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns
@@ -32,7 +32,6 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -52,7 +52,7 @@ class UnlearnScriptArguments(ScriptArguments):
     world_dataset_name: str | None = field(
         default="llmreg/facts",
         metadata={"help": "Questions the model knew before (lab: the lab model's own facts), kept in the fine-tunes "
-                          "and scored for model utility; None to skip."},
+                          "and scored for model utility; 'none' to skip."},
     )
     world_dataset_split: str = field(default="all", metadata={"help": "The split of world_dataset_name."})
     gold_model: str | None = field(
@@ -141,7 +141,7 @@ def load_question_sets(script_args: UnlearnScriptArguments) -> dict:
     """The forget, retain and (when named) world question sets."""
     sets = {"forget": load_recipe_dataset(script_args, script_args.dataset_forget_split),
             "retain": load_recipe_dataset(script_args, script_args.dataset_retain_split)}
-    if script_args.world_dataset_name:
+    if script_args.world_dataset_name and script_args.world_dataset_name.lower() != "none":
         sets["world"] = load_recipe_dataset(ScriptArguments(dataset_name=script_args.world_dataset_name),
                                             script_args.world_dataset_split)
     return sets
@@ -155,7 +155,9 @@ def prepare_models(script_args, training_args, model_args, sets: dict) -> tuple[
     if gold is not None:
         raise ValueError("--gold_model is for a model that already knows the forget set (--finetune_epochs 0); "
                          "with fine-tunes, the gold model is trained here.")
-    init_kwargs = model_init_kwargs(model_args, training_args)
+    # Full fine-tunes: a 4-bit or 8-bit base (QLoRA) is for the unlearning stage's adapter only.
+    init_kwargs = {key: value for key, value in model_init_kwargs(model_args, training_args).items()
+                   if key != "quantization_config"}
     paraphrases = script_args.finetune_paraphrases
     kept = [training_rows(sets[name], paraphrases) for name in ("retain", "world") if name in sets]
     everything = [training_rows(sets["forget"], paraphrases), *kept]

@@ -163,3 +163,17 @@ def test_the_ftaas_recipe_parses_its_grid_and_both_stages(tiny_model_dir):
         "--finetune_learning_rate", "3e-5"])
     assert grid.harmful_ratios == [0.0, 0.05] and grid.methods == ["sft", "booster"]
     assert grid.finetune_learning_rate == 3e-5 and alignment.booster_lambda == 1.0
+
+
+@pytest.mark.parametrize("recipe", [sft, booster, ftaas, lora_dropout, reweight, rpg, rspo, spin, unlearn])
+def test_every_recipe_quantizes_the_base_for_qlora_and_refuses_it_without_lora(recipe):
+    # --load_in_4bit reaches from_pretrained through model_init_kwargs in every recipe (none ignores it); without
+    # --use_peft the quantized weights could not train, so it is refused before anything loads.
+    from llmreg.recipe_utils import model_init_kwargs
+
+    parsed = parse_recipe_args(recipe.make_parser(), ["--load_in_4bit", "--use_peft"])
+    training_args, model_args = parsed[-2], parsed[-1]
+    assert model_init_kwargs(model_args, training_args)["quantization_config"].load_in_4bit
+    parsed = parse_recipe_args(recipe.make_parser(), ["--load_in_4bit", "--use_peft", "false"])
+    with pytest.raises(ValueError, match="add --use_peft"):
+        model_init_kwargs(parsed[-1], parsed[-2])

@@ -234,10 +234,14 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
             self._queue = self._plan_step([self._prepare_inputs(b) for b in self.take_step_batches(inputs)])
         plan = self._queue.pop(0)
         loss, metrics = self._objective(model, plan)
-        values = torch.tensor(list(metrics.values()), device=self.accelerator.device)
-        values = self.accelerator.gather_for_metrics(values.unsqueeze(0)).mean(0)
-        for name, value in zip(metrics, values.tolist(), strict=True):
-            self._metrics["train"][f"unlearn/{name}"].append(value)
+        # Each metric is this micro-batch's mean over all processes: the local means weighted by their token (or
+        # sequence) counts, so the log is the global batch's value, not an average of per-process averages.
+        totals = torch.tensor([[value * weight, weight] for value, weight in metrics.values()],
+                              dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for name, (total, weight) in zip(metrics, totals.tolist(), strict=True):
+            self._metrics["train"][f"unlearn/{name}"].append(total / weight if weight else 0.0)
         # DDP and DeepSpeed average gradients over processes; each process's share is of the global mean.
         loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
@@ -261,7 +265,8 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
         with self.accelerator.unwrap_model(model).disable_adapter(), torch.no_grad():
             return self._forward(model, batches, hidden)
 
-    def _objective(self, model, plan: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def _objective(self, model, plan: dict) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
+        """The micro-batch's loss share, and its metrics as (local mean, the number of tokens or sequences)."""
         objective, beta, counts = self.args.objective, self.args.objective_beta, plan["counts"]
         names = GRAD_BATCHES[objective]
         rmu = objective == "rmu"
@@ -287,7 +292,7 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
 
         def local_mean(share, mask, count):
             """The batch's own token mean, from its share of the step's: share · (step count) / (batch count)."""
-            return share.detach() * counts[count] / mask.sum().clamp(min=1)
+            return share.detach() * counts[count] / mask.sum().clamp(min=1), mask.sum()
 
         def ce(name, count):
             logps, mask = token_logps(logits, name)
@@ -321,13 +326,13 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
         elif objective == "npo":
             policy, reference = seq_logps(logits, "forget"), seq_logps(teacher_logits, "forget")
             loss = npo_loss(policy, reference, beta, counts["forget_sequences"])
-            metrics["forget_logratio"] = (policy - reference).mean().item()
+            metrics["forget_logratio"] = (policy - reference).mean(), len(policy)
         elif objective == "dpo":
             policy_idk, policy_forget = seq_logps(logits, "idk"), seq_logps(logits, "forget")
             ref_idk, ref_forget = seq_logps(teacher_logits, "idk"), seq_logps(teacher_logits, "forget")
             loss = dpo_unlearning_loss(policy_idk, policy_forget, ref_idk, ref_forget, beta,
                                        counts["forget_sequences"])
-            metrics["margin"] = ((policy_idk - policy_forget) - (ref_idk - ref_forget)).mean().item()
+            metrics["margin"] = ((policy_idk - policy_forget) - (ref_idk - ref_forget)).mean(), len(policy_idk)
         elif objective == "scrub":
             forget_kl, metrics["forget_kl"] = kl(logits, teacher_logits, "forget", "forget_tokens")
             retain_kl, metrics["retain_kl"] = kl(logits, teacher_logits, "retain", "retain_tokens")
@@ -339,10 +344,12 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
                             states["retain"], teacher_states["retain"], retain["attention_mask"], beta,
                             num_forget_sequences=counts["forget_sequences"],
                             num_retain_tokens=counts["retain_attended"])
-            metrics["forget_hidden_norm"] = states["forget"].detach().norm(dim=-1).mean().item()
+            norms = states["forget"].detach().norm(dim=-1)
+            metrics["forget_hidden_norm"] = norms.mean(), norms.numel()
         if objective in ("npo", "dpo", "scrub") and "forget_nll" not in metrics:
-            metrics["forget_nll"] = nll(*token_logps(logits, "forget")).item()
-        return loss, {k: float(v) for k, v in metrics.items()}
+            logps, mask = token_logps(logits, "forget")
+            metrics["forget_nll"] = nll(logps, mask).detach(), mask.sum()
+        return loss, {name: (float(value), float(weight)) for name, (value, weight) in metrics.items()}
 
     def _control_vector(self, like: torch.Tensor) -> torch.Tensor:
         """RMU's u = c·r/‖r‖, r uniform in [0, 1)^d, drawn once from the seed (the same on every process)."""
