@@ -3,7 +3,6 @@ the gradient it adds equals λ(∇h(w) − ∇h(w̃)) computed by hand, the para
 SFTTrainer, and gradient accumulation does not change the update."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -274,54 +273,6 @@ def test_a_harmful_dataset_is_required_and_checked(lab_model_dir, tmp_path):
 STEP_SCRIPT = REPO / "tests" / "scripts" / "booster_step.py"
 LORA = ("--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules", "q_proj",
         "v_proj")
-
-
-@pytest.fixture(scope="module")
-def one_process_runs(tmp_path_factory):
-    """One process with 8 alignment and 4 harmful rows per step, Booster + Vaccine, full and LoRA; launched once."""
-    runs = {}
-
-    def run(lora: bool) -> Path:
-        if lora not in runs:
-            runs[lora] = tmp_path_factory.mktemp("one-lora" if lora else "one")
-            launch("single_process.yaml", STEP_SCRIPT, "--output_dir", str(runs[lora]),
-                   "--per_device_train_batch_size", "8", "--harmful_batch_size", "4", "--vaccine_rho", "2",
-                   *(LORA if lora else ()))
-        return runs[lora]
-
-    return run
-
-
-def trained_weights(directory: Path, lora: bool) -> dict:
-    return load_file(directory / ("adapter_model.safetensors" if lora else "model.safetensors"))
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize(("config", "lora"), [("multi_process.yaml", False), ("deepspeed_zero2.yaml", False),
-                                              ("deepspeed_zero3.yaml", False), ("deepspeed_zero3.yaml", True)])
-def test_two_processes_equal_one_process_on_the_same_global_batches(lab_model_dir, tmp_path, one_process_runs,
-                                                                     config, lora):
-    # 2 processes x (4 alignment, 2 harmful rows) and 1 process x (8, 4) see the same rows per step: accelerate hands
-    # consecutive batches of the same sampler to the ranks. Booster's harmful direction is normalized over both ranks'
-    # harmful rows, Vaccine's over both ranks' hidden gradients, and the losses are global token means, so the
-    # updates match — under DDP, and under DeepSpeed, whose ZeRO-3 shards the parameters Booster moves to w̃.
-    one = one_process_runs(lora)
-    launch(config, STEP_SCRIPT, "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4",
-           "--harmful_batch_size", "2", "--vaccine_rho", "2", *(LORA if lora else ()))
-    expected, got = trained_weights(one, lora), trained_weights(tmp_path, lora)
-    if lora:
-        assert any("lora_B" in name and value.abs().max() > 1e-4 for name, value in expected.items())
-    else:
-        before = load_file(lab_model_dir / "model.safetensors")
-        assert any(not expected[name].equal(before[name]) for name in before)
-    assert set(expected) <= set(got)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-    logs = [[e[key] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "booster/gap" in e
-             for key in ("booster/gap", "vaccine/hidden_grad_norm")] for run in (one, tmp_path)]
-    assert len(logs[0]) == 4 and logs[1] == pytest.approx(logs[0], rel=1e-4)  # metrics of both ranks, not rank 0's
 
 
 @pytest.mark.slow

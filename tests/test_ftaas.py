@@ -186,24 +186,3 @@ def test_label_accuracy_takes_the_first_label_the_answer_names():
                "negative"]
     labels = ["positive", "negative", "sports", "world", "positive"]
     assert ftaas_pipeline.label_accuracy(answers, labels) == pytest.approx(60.0)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_the_recipe_runs_its_stages_one_after_another_under_zero3_with_lora(lab_model_dir, tmp_path):
-    # Each stage builds its own Trainer, hence its own Accelerator: under DeepSpeed the pipeline resets accelerate's
-    # state between them. Booster's fine-tune continues the (gathered, non-empty) alignment adapter.
-    from test_recipes import REPO, launch
-
-    launch("deepspeed_zero3.yaml", REPO / "recipes" / "ftaas.py", "--output_dir", str(tmp_path), "--max_steps", "2",
-           "--num_finetune_samples", "40", "--finetune_epochs", "1", "--harmful_ratios", "0.2", "--num_eval_samples",
-           "8", "--max_new_tokens", "4", "--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
-           "--lora_target_modules", "q_proj", "v_proj", "--finetune_learning_rate", "1e-3")
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert [(r["method"], r["harmful_ratio"]) for r in rows] == [("sft", None), ("sft", 0.2), ("booster", None),
-                                                                  ("booster", 0.2)]
-    adapter = load_file(tmp_path / "align" / "booster" / "adapter" / "adapter_model.safetensors")
-    assert any("lora_B" in name and value.abs().max() > 0 for name, value in adapter.items())
-    aligned = load_file(tmp_path / "align" / "booster" / "model" / "model.safetensors")
-    tuned = load_file(tmp_path / "finetune" / "booster" / "p0.2" / "model" / "model.safetensors")
-    assert any(not tuned[name].equal(aligned[name]) for name in aligned)

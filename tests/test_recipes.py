@@ -1,4 +1,8 @@
-"""recipes/sft.py end to end through ``accelerate launch`` with the shipped configs: it trains and saves."""
+"""``accelerate launch`` for the tests, and recipes/sft.py on two "machines" (the multi-node config on localhost).
+
+Every recipe under every shipped config, and the 2-processes-equal-1-process checks, are the launch matrix in
+tests/distributed/.
+"""
 
 import json
 import math
@@ -8,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 
@@ -31,12 +34,6 @@ def launch(accelerate_config: str, script: Path, *args: str) -> None:
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
-def launch_sft(accelerate_config: str, output_dir: Path, per_device_batch: int = 4) -> None:
-    launch(accelerate_config, REPO / "recipes" / "sft.py", "--config", str(REPO / "recipes" / "configs" / "sft.yaml"),
-           "--max_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", str(per_device_batch),
-           "--output_dir", str(output_dir))
-
-
 def assert_trained(output_dir: Path, lab_model_dir: Path, world_size: int) -> None:
     state = json.loads((output_dir / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -48,22 +45,6 @@ def assert_trained(output_dir: Path, lab_model_dir: Path, world_size: int) -> No
     assert set(before) <= set(after)  # DeepSpeed saves may also write the tied lm_head.weight
     changed = [name for name in before if not before[name].equal(after[name].to(before[name].dtype))]
     assert len(changed) == len(before), f"unchanged tensors: {sorted(set(before) - set(changed))}"
-
-
-@pytest.mark.slow
-def test_sft_single_process(lab_model_dir, tmp_path):
-    launch_sft("single_process.yaml", tmp_path)
-    assert_trained(tmp_path, lab_model_dir, world_size=1)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize(
-    "accelerate_config", ["multi_process.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp2.yaml"]
-)
-def test_sft_two_processes(accelerate_config, lab_model_dir, tmp_path):
-    launch_sft(accelerate_config, tmp_path)
-    assert_trained(tmp_path, lab_model_dir, world_size=2)
 
 
 @pytest.mark.slow
@@ -88,32 +69,3 @@ def test_sft_two_nodes_on_localhost(lab_model_dir, tmp_path):
     for machine, output in zip(machines, outputs, strict=True):
         assert machine.returncode == 0, output[-4000:]
     assert_trained(tmp_path, lab_model_dir, world_size=2)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_zero3_with_a_reference_model_built_by_trl(lab_model_dir, tmp_path):
-    # The script loads its policy before parsing. Without llmreg's deepspeed.comm initialization in the parser, TRL's
-    # reference model then fails in DPOTrainer.__init__ with ZeRO-3's "train_batch_size is not equal to
-    # micro_batch_per_gpu * gradient_acc_step * world_size" (checked by disabling it).
-    launch("deepspeed_zero3.yaml", REPO / "tests" / "scripts" / "dpo_with_reference_model.py",
-           "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
-           "--activation_checkpointing", "false", "--report_to", "none", "--save_strategy", "no",
-           "--output_dir", str(tmp_path))
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-    assert state["global_step"] == 2 and all(math.isfinite(loss) for loss in losses)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_processes_equal_one_process_on_the_same_global_batch(lab_model_dir, tmp_path):
-    # 2 processes x 2 rows and 1 process x 4 rows see the same 4 rows per step (accelerate hands consecutive batches
-    # of the same sampler to the ranks), and TRL normalizes the loss by the global token count, so the updates match.
-    launch_sft("single_process.yaml", tmp_path / "one", per_device_batch=4)
-    launch_sft("multi_process.yaml", tmp_path / "two", per_device_batch=2)
-    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    before = load_file(lab_model_dir / "model.safetensors")
-    for name in before:
-        assert not one[name].equal(before[name])
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -37,14 +37,3 @@ def test_rpg_recipe_reports_accuracy_before_and_after_and_the_kl(lab_model_dir, 
     assert summary["arithmetic_accuracy_before"] == baseline
     assert 0.0 <= summary["arithmetic_accuracy_after"] <= 100.0
     assert summary["mean_kl_to_reference"] > 0  # URKL's estimate is non-negative, positive once the policy moved
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize(("accelerate_config", "reference"), [
-    ("multi_process.yaml", "old"), ("deepspeed_zero3.yaml", "old"), ("deepspeed_zero3.yaml", "fixed"),
-])
-def test_rpg_recipe_on_two_processes(accelerate_config, reference, lab_model_dir, tmp_path):
-    launch_rpg(accelerate_config, tmp_path, "--reference", reference)
-    summary = assert_trained(tmp_path, lab_model_dir)
-    assert summary["variant"] == f"ufkl/full/ref={reference}/clip=dual"

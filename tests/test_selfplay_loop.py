@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from test_recipes import REPO, launch
+from test_recipes import REPO
 
 from llmreg.lab import arithmetic_dataset
 from llmreg.rspo import RSPOConfig
@@ -198,17 +198,3 @@ def test_killed_loop_resumes_and_writes_the_same_files(lab_model_dir, tmp_path):
         arrow = sorted((straight / f"iter_{t}" / "dataset").glob("data-*.arrow"))
         assert arrow and all((resumed / f"iter_{t}" / "dataset" / a.name).read_bytes() == a.read_bytes()
                              for a in arrow)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize(("method", "accelerate_config"), [
-    ("rspo", "multi_process.yaml"), ("rspo", "deepspeed_zero3.yaml"), ("spin", "deepspeed_zero3.yaml"),
-])
-def test_generation_and_training_on_two_processes(method, accelerate_config, lab_model_dir, tmp_path):
-    launch(accelerate_config, REPO / "recipes" / f"{method}.py", *TINY, "--iterations", "1",
-           "--output_dir", str(tmp_path))
-    assert_iterations(tmp_path, lab_model_dir, iterations=1)
-    # Both ranks generated: every prompt has its samples, in prompt order.
-    rows = [json.loads(line) for line in (tmp_path / "iter_1" / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 32

@@ -2,7 +2,6 @@
 exactly, losses and truth ratios against one-row forwards by hand, utility and forget quality assembled right, and
 the recipe's stages (original and gold fine-tunes, unlearning, table) under DeepSpeed ZeRO-3 with LoRA."""
 
-import json
 import math
 
 import pytest
@@ -76,23 +75,3 @@ def test_utility_and_forget_quality_are_assembled_from_the_set_scores(lab):
     assert again["forget_quality"] == pytest.approx(1.0)  # the same distribution as the "gold" one
     shifted = [r * 100 for r in row["forget_truth_ratios"]]
     assert forget_quality(row["forget_truth_ratios"], shifted) < 0.05
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_the_recipe_fine_tunes_unlearns_and_scores_under_zero3_with_lora(lab_model_dir, tmp_path):
-    from safetensors.torch import load_file
-    from test_recipes import REPO, launch
-
-    launch("deepspeed_zero3.yaml", REPO / "recipes" / "unlearn.py", "--output_dir", str(tmp_path),
-           "--finetune_epochs", "6", "--objective", "ga", "--num_train_epochs", "2", "--learning_rate", "3e-3",
-           "--l1_lambda", "0.001", "--lora_target_modules", "q_proj", "v_proj", "up_proj", "down_proj")
-    rows = {row["model"]: row for row in json.loads((tmp_path / "unlearn_results.json").read_text())["rows"]}
-    assert list(rows) == ["original", "gold (never saw the forget split)", "ga + ℓ1 (λ1 = 0.001)"]
-    original, gold, unlearned = rows.values()
-    assert original["forget_accuracy"] > gold["forget_accuracy"]  # the fine-tune taught the forget split
-    assert gold["forget_quality"] == 1.0
-    assert unlearned["forget_accuracy"] < original["forget_accuracy"]  # gradient ascent unlearned some of it
-    adapter = load_file(tmp_path / "unlearned" / "adapter_model.safetensors")
-    assert any("lora_B" in name and value.abs().max() > 0 for name, value in adapter.items())  # not an empty save
-    assert (tmp_path / "original" / "stage.json").is_file() and (tmp_path / "unlearn_results.md").is_file()

@@ -3,7 +3,6 @@ forwards, the ℓ1 penalty adding exactly λ1·sign(θ) (λ1 = 0 leaving every o
 1×4 = 4×1, the "I don't know" answers lined up with their questions, the refusals, and 2 processes = 1 process under
 DDP and DeepSpeed ZeRO-3."""
 
-import json
 
 import pytest
 import torch
@@ -211,37 +210,6 @@ def test_trainer_refusals(lab_model_dir, tmp_path):
         UnlearnTrainer(str(lab_model_dir), args=args, forget_dataset=text, retain_dataset=forget)
     with pytest.raises(TypeError, match="not train_dataset"):
         UnlearnTrainer(str(lab_model_dir), args=args, train_dataset=forget)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("objective, configs", [
-    ("scrub", ("multi_process.yaml", "deepspeed_zero3.yaml")),
-    ("dpo", ("multi_process.yaml",)),
-])
-def test_two_processes_equal_one_process(lab_model_dir, tmp_path, objective, configs):
-    from safetensors.torch import load_file
-    from test_recipes import REPO, launch
-
-    script = REPO / "tests" / "scripts" / "unlearn_step.py"
-    runs = {}
-    for config, batch in (("single_process.yaml", "8"), *((c, "4") for c in configs)):
-        runs[config] = tmp_path / config
-        launch(config, script, "--output_dir", str(runs[config]), "--per_device_train_batch_size", batch,
-               "--objective", objective, "--l1_lambda", "0.01")
-    adapters = {config: load_file(path / "adapter_model.safetensors") for config, path in runs.items()}
-    one = adapters["single_process.yaml"]
-    for config in configs:
-        for name, value in one.items():
-            torch.testing.assert_close(adapters[config][name], value, rtol=0, atol=1e-6,
-                                       msg=lambda m, name=name, config=config: f"{config} {name}: {m}")
-    logs = {config: [e for e in json.loads((path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-            for config, path in runs.items()}
-    for config in configs:
-        assert len(logs[config]) == 2
-        for mine, single in zip(logs[config], logs["single_process.yaml"], strict=True):
-            assert mine["loss"] == pytest.approx(single["loss"], rel=1e-5)
-            assert mine["l1/norm"] == pytest.approx(single["l1/norm"], rel=1e-6)
 
 
 def test_resume_equals_the_straight_run(lab_model_dir, tmp_path):

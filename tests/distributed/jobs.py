@@ -1,0 +1,126 @@
+"""The launch matrix's jobs: every recipe, a few steps each on the lab model, and the step scripts whose updates
+2 processes must share with 1 process (``tests/scripts/*_step.py``), for one accelerate config.
+
+Each config's jobs run in one launch (``run_jobs.py``); ``jobs(config, root)`` lists them, each writing to
+``root/<name>``. The equivalence jobs run with a per-device batch of 2b on one process and b on two.
+"""
+
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES, SCRIPTS, CONFIGS = REPO / "recipes", REPO / "tests" / "scripts", REPO / "recipes" / "configs"
+
+SINGLE = "single_process.yaml"
+CONFIGS_TWO_PROCESSES = ["multi_process.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                         "deepspeed_zero3_offload.yaml", "fsdp2.yaml"]
+ALL_CONFIGS = [SINGLE, *CONFIGS_TWO_PROCESSES]
+
+# bitsandbytes runs on CPUs in one process and under DDP; DeepSpeed and FSDP shard parameters that bitsandbytes
+# packs into its own storage, which their CPU paths do not take (docs/distributed.md).
+QUANTIZED_CONFIGS = [SINGLE, "multi_process.yaml"]
+
+LORA = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules",
+        "q_proj", "v_proj"]
+QLORA = ["--load_in_4bit", "--bnb_4bit_quant_type", "nf4"]
+OPTIMIZER_8BIT = ["--optim", "adamw_bnb_8bit"]
+
+# Every recipe, on its lab default shrunk to a few steps, saving checkpoints.
+SFT = [str(RECIPES / "sft.py"), "--config", str(CONFIGS / "sft.yaml"), "--max_steps", "3", "--logging_steps", "1",
+       "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2"]
+RECIPE_ARGS = {
+    "sft": SFT,
+    "sft_lora": [*SFT, *LORA],
+    "booster": [str(RECIPES / "booster.py"), "--max_steps", "2", "--logging_steps", "1",
+                "--per_device_train_batch_size", "4", "--harmful_batch_size", "2", "--vaccine_rho", "2",
+                "--save_strategy", "steps", "--save_steps", "1"],
+    "ftaas": [str(RECIPES / "ftaas.py"), "--max_steps", "2", "--logging_steps", "1", "--num_finetune_samples", "16",
+              "--finetune_epochs",
+              "1", "--harmful_ratios", "0.2", "--num_eval_samples", "4", "--max_new_tokens", "4", *LORA,
+              "--finetune_learning_rate", "1e-3", "--methods", "booster", "--save_strategy", "steps", "--save_steps",
+              "1"],
+    "lora_dropout": [str(RECIPES / "lora_dropout.py"), "--num_train_samples", "8", "--num_eval_samples", "8",
+                     "--max_steps", "2", "--per_device_train_batch_size", "4", "--lora_dropout_eval_samples", "2",
+                     "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2"],
+    "reweight": [str(RECIPES / "reweight.py"), "--strategies", "linupper", "--max_steps", "2", "--eval_steps", "2",
+                 "--num_train_samples", "32", "--num_eval_samples", "16", "--per_device_train_batch_size", "4",
+                 "--per_device_eval_batch_size", "8", "--logging_steps", "1", "--save_strategy", "steps",
+                 "--save_steps", "2"],
+    "rpg": [str(RECIPES / "rpg.py"), "--config", str(CONFIGS / "rpg_lab.yaml"), "--max_steps", "4",
+            "--logging_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
+            "--rpg_beta", "0.05", "--steps_per_generation", "2", "--save_strategy", "steps", "--save_steps", "2"],
+    "rspo": [str(RECIPES / "rspo.py"), "--iterations", "1", "--prompts_per_iteration", "16", "--num_samples", "2",
+             "--num_eval_prompts", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+             "--generation_batch_size", "8", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2"],
+    "spin": [str(RECIPES / "spin.py"), "--iterations", "1", "--prompts_per_iteration", "16", "--num_eval_prompts",
+             "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--generation_batch_size", "8",
+             "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2"],
+    "unlearn": [str(RECIPES / "unlearn.py"), "--finetune_epochs", "0", "--world_dataset_name", "none",
+                "--objective", "npo", "--max_steps", "2",
+                "--per_device_train_batch_size", "4", "--logging_steps", "1", "--lora_target_modules", "q_proj",
+                "v_proj", "--save_strategy", "steps", "--save_steps", "2"],
+}
+LORA_RECIPES = ["lora_dropout", "unlearn"]
+
+# The same update on 1 process with 2b rows and on 2 processes with b rows each (tests/scripts/*_step.py).
+STEP_ARGS = {
+    "sft": [str(RECIPES / "sft.py"), "--config", str(CONFIGS / "sft.yaml"), "--max_steps", "3", "--logging_steps",
+            "1"],
+    "booster": [str(SCRIPTS / "booster_step.py"), "--vaccine_rho", "2"],
+    "booster_lora": [str(SCRIPTS / "booster_step.py"), "--vaccine_rho", "2", *LORA],
+    "lora_l1": [str(SCRIPTS / "lora_regularizers_step.py"), "--l1_lambda", "0.05"],
+    "reweight": [str(SCRIPTS / "reweight_step.py")],
+    "unlearn_scrub": [str(SCRIPTS / "unlearn_step.py"), "--objective", "scrub", "--l1_lambda", "0.01"],
+    "unlearn_dpo": [str(SCRIPTS / "unlearn_step.py"), "--objective", "dpo", "--l1_lambda", "0.01"],
+    "rpg": [str(SCRIPTS / "rpg_step.py")],
+    "rspo": [str(SCRIPTS / "rspo_step.py")],
+    "spin": [str(SCRIPTS / "spin_step.py")],
+}
+STEP_BATCH = {"sft": 2, "rpg": 8}  # b; the others take 4 (and Booster's harmful batch is half of it)
+
+# What llmreg refuses, per config: the job must fail with this in its message.
+# (The FTaaS pipeline aligns with BoosterTrainer, λ = 0 for its SFT baseline.)
+REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_ftaas": "does not support FSDP",
+                          "step_booster": "does not support FSDP", "step_booster_lora": "does not support FSDP"}}
+
+
+# Under ZeRO-3 the unlearning recipe runs its whole protocol (full fine-tunes of the original and gold models, then
+# unlearning with LoRA and the scoring on the main process), and the test checks what the table says.
+UNLEARN_PROTOCOL = [str(RECIPES / "unlearn.py"), "--world_dataset_name", "none", "--finetune_epochs", "6",
+                    "--objective", "ga", "--num_train_epochs",
+                    "2", "--learning_rate", "3e-3", "--l1_lambda", "0.001", "--lora_target_modules", "q_proj",
+                    "v_proj", "up_proj", "down_proj", "--save_strategy", "steps", "--save_steps", "5"]
+
+
+def jobs(config: str, root: Path) -> list[dict]:
+    listed = []
+
+    def add(name, script, *args):
+        listed.append({"name": name, "script": script, "args": [*args, "--output_dir", str(root / name)]})
+
+    if config.startswith("deepspeed"):
+        # First, before anything has initialized deepspeed.comm: the script loads its policy before parsing, and
+        # TRL's reference model under ZeRO-3 needs llmreg's early initialization in the parser.
+        add("dpo_reference", str(SCRIPTS / "dpo_with_reference_model.py"), "--max_steps", "2", "--logging_steps",
+            "1", "--per_device_train_batch_size", "4", "--activation_checkpointing", "false", "--report_to", "none",
+            "--save_strategy", "no")
+    for name, (script, *args) in RECIPE_ARGS.items():
+        if name == "unlearn" and config == "deepspeed_zero3.yaml":
+            script, *args = UNLEARN_PROTOCOL
+        add(f"recipe_{name}", script, *args)
+        if name in ("sft", "sft_lora"):  # resumed from the checkpoint at step 2: must end where the run did
+            add(f"recipe_{name}_resumed", script, *args, "--resume_from_checkpoint",
+                str(root / f"recipe_{name}" / "checkpoint-2"))
+        if name in LORA_RECIPES and config in QUANTIZED_CONFIGS:
+            add(f"recipe_{name}_qlora", script, *args, *QLORA)
+            add(f"recipe_{name}_optim8bit", script, *args, *OPTIMIZER_8BIT)
+    processes = 1 if config == SINGLE else 2
+    for name, (script, *args) in STEP_ARGS.items():
+        batch = STEP_BATCH.get(name, 4) * 2 // processes
+        extra = ["--harmful_batch_size", str(batch // 2)] if name.startswith("booster") else []
+        add(f"step_{name}", script, *args, "--per_device_train_batch_size", str(batch), *extra)
+    if processes == 2:
+        # LoRA Dropout draws its masks on each process: with p = 0.5 a row of B stays zero only where both dropped it.
+        add("lora_dropout_masks", str(SCRIPTS / "lora_regularizers_step.py"), "--per_device_train_batch_size", "4",
+            "--lora_dropout_p", "0.5", "--lora_dropout_train_samples", "2", "--l1_lambda", "0.01", "--max_steps", "1")
+    return listed
