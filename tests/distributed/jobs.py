@@ -16,9 +16,11 @@ CONFIGS_TWO_PROCESSES = ["multi_process.yaml", "deepspeed_zero2.yaml", "deepspee
                          "deepspeed_zero3_offload.yaml", "fsdp2.yaml"]
 ALL_CONFIGS = [SINGLE, *CONFIGS_TWO_PROCESSES]
 
-# bitsandbytes runs on CPUs in one process and under DDP; DeepSpeed and FSDP shard parameters that bitsandbytes
-# packs into its own storage, which their CPU paths do not take (docs/distributed.md).
-QUANTIZED_CONFIGS = [SINGLE, "multi_process.yaml"]
+# The LoRA recipes on a bitsandbytes 4-bit base (QLoRA) and with bitsandbytes' 8-bit AdamW. Not under ZeRO-3 with
+# CPU offload, where accelerate replaces any optimizer with DeepSpeed's CPU Adam (docs/distributed.md). The unlearning
+# recipe, whose scoring costs seconds per run, in one process and under DDP only.
+QUANTIZED_CONFIGS = {"lora_dropout": [config for config in ALL_CONFIGS if "offload" not in config],
+                     "unlearn": [SINGLE, "multi_process.yaml"]}
 
 LORA = ["--use_peft", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules",
         "q_proj", "v_proj"]
@@ -60,7 +62,6 @@ RECIPE_ARGS = {
                 "--per_device_train_batch_size", "4", "--logging_steps", "1", "--lora_target_modules", "q_proj",
                 "v_proj", "--save_strategy", "steps", "--save_steps", "2"],
 }
-LORA_RECIPES = ["lora_dropout", "unlearn"]
 
 # The same update on 1 process with 2b rows and on 2 processes with b rows each (tests/scripts/*_step.py).
 STEP_ARGS = {
@@ -111,7 +112,7 @@ def jobs(config: str, root: Path) -> list[dict]:
         if name in ("sft", "sft_lora"):  # resumed from the checkpoint at step 2: must end where the run did
             add(f"recipe_{name}_resumed", script, *args, "--resume_from_checkpoint",
                 str(root / f"recipe_{name}" / "checkpoint-2"))
-        if name in LORA_RECIPES and config in QUANTIZED_CONFIGS:
+        if config in QUANTIZED_CONFIGS.get(name, ()):
             add(f"recipe_{name}_qlora", script, *args, *QLORA)
             add(f"recipe_{name}_optim8bit", script, *args, *OPTIMIZER_8BIT)
     processes = 1 if config == SINGLE else 2
