@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e ".[test,dev,deepspeed]"
+	$(BIN)/pip install -e ".[test,dev,deepspeed,bnb]"
 	touch $@
 
 demo: setup

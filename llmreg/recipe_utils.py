@@ -10,6 +10,7 @@ A recipe calls ``make_recipe_parser`` with its dataclasses and its defaults, the
 - the Hugging Face hub is offline unless ``HF_HUB_OFFLINE`` is set otherwise in the environment.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def model_init_kwargs(model_args, training_args) -> dict:
         if not model_args.use_peft:
             raise ValueError("--load_in_4bit / --load_in_8bit quantize the base model, whose weights then cannot be "
                              "trained: add --use_peft to train a LoRA adapter on it (QLoRA).")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("--load_in_4bit / --load_in_8bit need bitsandbytes: pip install 'llmreg[bnb]'.")
         kwargs["quantization_config"] = quantization_config
     kwargs.update(training_args.model_init_kwargs or {})
     return kwargs
