@@ -216,3 +216,15 @@ def test_the_recipe_compares_lora_with_lora_dropout_with_and_without_the_ensembl
                for row in rows)
     assert rows[1]["heldout_loss"] != rows[0]["heldout_loss"]  # the masks changed the training
     assert "| LoRA Dropout (p = 0.2) | 2 |" in (tmp_path / "lora_dropout_results.md").read_text()
+
+
+@pytest.mark.parametrize("trainer", ["UnlearnTrainer", "ReweightTrainer"])
+def test_several_training_samples_are_refused_with_trainers_that_take_step_counts_once_per_call(trainer):
+    # Their compute_loss pops the micro-batch's share of the step's counts (and side batches): N calls per micro-batch
+    # would hand the later samples the next micro-batch's share. Refused before any model loads.
+    from llmreg.reweight import ReweightTrainer
+    from llmreg.unlearn import UnlearnTrainer
+
+    trainer_class = with_lora_dropout({"UnlearnTrainer": UnlearnTrainer, "ReweightTrainer": ReweightTrainer}[trainer])
+    with pytest.raises(ValueError, match="Use lora_dropout_train_samples=1"):
+        trainer_class("no-model-is-loaded", lora_dropout=LoRADropoutConfig(lora_dropout_train_samples=2))

@@ -12,12 +12,21 @@ runs through their mean.
 from transformers.modeling_outputs import CausalLMOutput
 
 from llmreg.lora_dropout.lora_dropout import LoRADropoutConfig, attach_lora_dropout, ensemble_forward
+from llmreg.trainer_utils import PrefetchedStepMixin
 
 
 class LoRADropoutMixin:
     """See the module docstring. ``self.lora_dropout`` holds the masks' hooks (``ensemble()``, ``remove()``)."""
 
     def __init__(self, *args, lora_dropout: LoRADropoutConfig | None = None, **kwargs):
+        samples = (lora_dropout or LoRADropoutConfig()).lora_dropout_train_samples
+        if samples > 1 and isinstance(self, PrefetchedStepMixin):
+            # Those trainers (unlearning, reweighting) take each micro-batch's share of step-wide counts and side
+            # batches once per compute_loss call: N calls would hand the later samples the next micro-batch's share.
+            raise ValueError(f"lora_dropout_train_samples={samples} calls {type(self).__name__}'s loss {samples} "
+                             "times per micro-batch, but this trainer normalizes each micro-batch by step-wide counts "
+                             "it takes once per call. Use lora_dropout_train_samples=1 with it (masks are still "
+                             "drawn at every step).")
         super().__init__(*args, **kwargs)
         self.lora_dropout_config = lora_dropout if lora_dropout is not None else LoRADropoutConfig()
         self.lora_dropout = attach_lora_dropout(self.model, self.lora_dropout_config)
