@@ -47,7 +47,8 @@ def main() -> None:
         start = time.perf_counter()
         try:
             runpy.run_path(job["script"], run_name="__main__")
-        except BaseException:  # noqa: BLE001 - SystemExit from argparse too: recorded, and the next job runs
+        except (Exception, SystemExit):  # noqa: BLE001 - argparse exits too: recorded, the next job runs
+            # (an interrupt still stops the launch)
             error_file.write_text(traceback.format_exc())
         timings[job["name"]] = round(time.perf_counter() - start, 2)
     if rank == 0:
