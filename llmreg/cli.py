@@ -1,12 +1,76 @@
-"""The ``llmreg`` command: ``llmreg --version``, ``llmreg lab build``, ``llmreg lab info``."""
+"""The ``llmreg`` command, like ``trl <cmd>``: ``list``, ``run``, ``ablate``, ``report``, ``lab``. ``docs/cli.md``."""
 
 import argparse
 import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import llmreg
+
+
+def _list(args) -> int:
+    from llmreg.launch import (
+        ACCELERATE_CONFIGS_DIR,
+        RECIPES_DIR,
+        accelerate_config_names,
+        first_sentence,
+        recipe_configs,
+        recipe_names,
+        recipe_summary,
+    )
+
+    def first_comment(path: Path) -> str:
+        # The header comment's prose up to its first sentence's end, skipping launch lines.
+        lines = []
+        for line in path.read_text().splitlines():
+            text = line.lstrip("#").strip()
+            if not line.startswith("#") or (lines and not text):
+                break
+            if text and not text.startswith(("accelerate launch", "llmreg ")):
+                lines.append(text)
+        return first_sentence(" ".join(lines))
+
+    lines = ["Methods (llmreg run <method>; a recipe in " + str(RECIPES_DIR) + "):"]
+    lines += [f"  {method:<14}{recipe_summary(method)}" for method in recipe_names()]
+    lines += ["", "Recipe configs (--config):"]
+    lines += [f"  {method:<14}{', '.join(str(path.relative_to(RECIPES_DIR)) for path in recipe_configs(method))}"
+              for method in recipe_names() if recipe_configs(method)]
+    lines += ["", "Sweeps (llmreg ablate <file>):"]
+    lines += [f"  {path.relative_to(RECIPES_DIR)!s:<40}{first_comment(path)}"
+              for path in sorted((RECIPES_DIR / "sweeps").glob("*.yaml"))]
+    lines += ["", f"Accelerate configs (--accelerate_config <name>; in {ACCELERATE_CONFIGS_DIR}):"]
+    lines += [f"  {name:<16}{first_comment(path)}" for name, path in accelerate_config_names().items()]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _run(args) -> int:
+    from llmreg.launch import recipe_parser, run_recipe
+
+    recipe_args = list(args.recipe_args)
+    dry_run = "--dry_run" in recipe_args
+    if dry_run:
+        recipe_args.remove("--dry_run")
+    if "-h" in recipe_args or "--help" in recipe_args:
+        recipe_parser(args.method).print_help()
+        return 0
+    return run_recipe(args.method, recipe_args, dry_run=dry_run)
+
+
+def _ablate(args) -> int:
+    from llmreg.ablate import ablate
+
+    return ablate(Path(args.sweep), dry_run=args.dry_run)
+
+
+def _report(args) -> int:
+    from llmreg.report import write_report
+
+    path = write_report(Path(args.run_dir))
+    sys.stdout.write(f"Wrote {path}\n")
+    return 0
 
 
 def _lab_build(args) -> int:
@@ -81,11 +145,61 @@ def _format_scores(scores: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+EXAMPLES = {
+    "list": """examples:
+  llmreg list""",
+    "run": """examples:
+  llmreg run sft                                     # the lab default, on this machine's accelerate default
+  llmreg run rpg --config recipes/configs/rpg_lab.yaml --divergence urkl --max_steps 50
+  llmreg run rspo --accelerate_config multi_process  # 2 processes (DDP; gloo on CPUs)
+  llmreg run sft --accelerate_config zero3 --num_processes 2 --use_peft
+  llmreg run rpg --help                              # the recipe's keys (YAML keys and flags alike)
+  llmreg run rpg --max_steps 5 --dry_run             # print the accelerate launch line only
+
+Every key can be set in the --config YAML or on the command line; the command line wins, launch options
+(accelerate_config, num_processes, ...) included.""",
+    "ablate": """examples:
+  llmreg ablate recipes/sweeps/rpg_variants.yaml            # 4 divergences x 2 estimators x 2 seeds
+  llmreg ablate recipes/sweeps/rpg_variants.yaml --dry_run  # list the runs, and which are done
+
+Rerunning a sweep skips its finished runs. Results: <output_dir>/results.{md,csv,json} and plots/*.png.""",
+    "report": """examples:
+  llmreg run rpg --output_dir outputs/rpg && llmreg report outputs/rpg   # writes outputs/rpg/report.md""",
+    "lab": """examples:
+  llmreg lab build
+  llmreg lab info --json
+  llmreg lab eval outputs/sft""",
+}
+
+
+def _subcommand(commands, name: str, help_text: str, handler) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmreg", description=llmreg.__doc__)
+    from llmreg.launch import recipe_names
+
+    parser = argparse.ArgumentParser(prog="llmreg", description=llmreg.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(EXAMPLES[name] for name in ("run", "ablate")))
     parser.add_argument("--version", action="version", version=f"llmreg {llmreg.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    lab = commands.add_parser("lab", help="the offline tiny model and synthetic tasks")
+    _subcommand(commands, "list", "list the methods, recipe configs, sweeps and accelerate configs", _list)
+    run = _subcommand(commands, "run", "launch a method's recipe through accelerate", _run)
+    run.add_argument("method", choices=recipe_names(), metavar="METHOD",
+                     help=f"the recipe to run: {', '.join(recipe_names())}")
+    run.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                     help="the recipe's arguments: --config FILE.yaml, --key value, launch options, --dry_run")
+    ablate = _subcommand(commands, "ablate", "run a sweep (methods x hyperparameters x seeds) and table it", _ablate)
+    ablate.add_argument("sweep", help="a sweep YAML (see recipes/sweeps/ and docs/ablations.md)")
+    ablate.add_argument("--dry_run", action="store_true", help="list the runs and whether each is done; run nothing")
+    report = _subcommand(commands, "report", "write a run's report: settings, curves, final table", _report)
+    report.add_argument("run_dir", help="a recipe's output_dir")
+
+    lab = _subcommand(commands, "lab", "the offline tiny model and synthetic tasks", None)
     lab_commands = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
     build = lab_commands.add_parser("build", help="build the lab model into the cache ($LLMREG_CACHE)")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
@@ -109,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what and how to fix it
+        parser.exit(2, f"llmreg {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

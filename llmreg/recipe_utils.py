@@ -7,11 +7,15 @@ A recipe calls ``make_recipe_parser`` with its dataclasses and its defaults, the
 - ``model_name_or_path`` defaults to the lab model ``llmreg/tiny`` and ``dataset_name`` to the recipe's lab task;
 - on a machine without an accelerator, ``use_cpu=True`` and ``bf16=False`` become the defaults (TRL's configs
   default to bf16, which fails on a CPU-only machine);
-- the Hugging Face hub is offline unless ``HF_HUB_OFFLINE`` is set otherwise in the environment.
+- the Hugging Face hub is offline unless ``HF_HUB_OFFLINE`` is set otherwise in the environment;
+- ``LaunchArguments`` (``accelerate_config``, ``num_processes``, ...) are keys of every recipe, in YAML and on the
+  command line alike, read by ``llmreg run`` to build the ``accelerate launch`` line (so the command line wins over the
+  YAML for them too) and refused in a process ``llmreg run`` did not start, where they could only be ignored.
 """
 
 import importlib.util
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,13 +41,49 @@ def _recipe_environment() -> None:
 _recipe_environment()
 
 
-def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, **defaults) -> TrlParser:
-    """A ``TrlParser`` over ``dataclass_types`` with llmreg's defaults, overridable by YAML and command line.
+# Set by `llmreg run` (and `llmreg ablate`) in the environment of the processes it launches.
+LAUNCHED_BY_LLMREG = "LLMREG_LAUNCHED"
+
+
+@dataclass
+class LaunchArguments:
+    """How ``llmreg run`` launches a recipe: ``accelerate launch`` options, settable in the YAML or on the command
+    line like any other key. Unset (None) means accelerate's own default."""
+
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate config: a name from `llmreg list` (single_process, multi_process, zero2, zero3, "
+                          "zero3_offload, fsdp2, multi_node) or a path to an accelerate YAML. Read by `llmreg run`."},
+    )
+    num_processes: int | None = field(default=None, metadata={"help": "Processes per machine (accelerate launch)."})
+    num_machines: int | None = field(default=None, metadata={"help": "Machines (accelerate launch)."})
+    machine_rank: int | None = field(default=None, metadata={"help": "This machine's rank (accelerate launch)."})
+    main_process_ip: str | None = field(default=None, metadata={"help": "Rank 0's address (accelerate launch)."})
+    main_process_port: int | None = field(default=None, metadata={"help": "Rank 0's port (accelerate launch)."})
+
+    def given(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+class RecipeParser(TrlParser):
+    """A ``TrlParser`` whose every recipe also takes ``LaunchArguments``: ``parse_args_and_config`` returns the
+    recipe's own dataclasses, as before, and keeps the launch options in ``launch_arguments``."""
+
+    launch_arguments: LaunchArguments | None = None
+
+    def parse_args_and_config(self, args=None, **kwargs) -> tuple:
+        launch_arguments, *parsed = super().parse_args_and_config(args, **kwargs)
+        self.launch_arguments = launch_arguments
+        return tuple(parsed)
+
+
+def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, **defaults) -> RecipeParser:
+    """A ``RecipeParser`` over ``dataclass_types`` with llmreg's defaults, overridable by YAML and command line.
 
     ``dataset_name`` is the recipe's default dataset (a lab dataset name), ``output_dir`` its default output
     directory; ``defaults`` sets any other field's default for this recipe.
     """
-    parser = TrlParser(dataclass_types)
+    parser = RecipeParser((LaunchArguments, *dataclass_types))
     recipe_defaults = {"model_name_or_path": LAB_MODEL_ID, "dataset_name": dataset_name, "output_dir": output_dir}
     if not torch.accelerator.is_available():
         recipe_defaults.update(use_cpu=True, bf16=False)
@@ -54,7 +94,7 @@ def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, *
     return parser
 
 
-def parse_recipe_args(parser: TrlParser, args: list[str] | None = None) -> tuple:
+def parse_recipe_args(parser: RecipeParser, args: list[str] | None = None) -> tuple:
     """Parse the command line (and ``--config``); resolve the model name to a local directory.
 
     Also initializes ``deepspeed.comm`` under a DeepSpeed launch on CPU, which must happen before the first TRL
@@ -62,6 +102,11 @@ def parse_recipe_args(parser: TrlParser, args: list[str] | None = None) -> tuple
     """
     init_deepspeed_distributed_on_cpu()
     parsed = parser.parse_args_and_config(args)
+    launch = parser.launch_arguments.given()
+    if launch and os.environ.get(LAUNCHED_BY_LLMREG) != "1":
+        raise ValueError(f"{', '.join(launch)} choose how `llmreg run` launches a recipe, but this process was not "
+                         "started by `llmreg run`, so they would be ignored. Launch with `llmreg run <method> ...`, "
+                         "or remove them and pass accelerate's own options (accelerate launch --config_file ...).")
     for arguments in parsed:
         if isinstance(arguments, ModelConfig):
             arguments.model_name_or_path = resolve_model_name_or_path(arguments.model_name_or_path)

@@ -1,0 +1,184 @@
+"""Read a run's logs, and write its report: ``llmreg report RUN_DIR``.
+
+A run directory is a recipe's ``output_dir``. What a run logged lives there in the Trainer's own files:
+``trainer_state.json`` (``log_history``: every logged metric at its step), one per training stage (a recipe that
+trains several models writes one per sub-directory), and ``*_results.json`` / ``all_results.json`` (``save_metrics``:
+the final numbers, and the recipe's own summary, such as held-out accuracy). ``llmreg_run.yaml`` (written by
+``llmreg run`` and ``llmreg ablate``) holds the settings it ran with.
+
+``write_report`` turns these into ``report.md``: the settings, the final and best value of every metric, and one PNG
+curve per metric (under ``report_plots/``).
+"""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+
+# Logged each step but not a result: the Trainer's bookkeeping.
+BOOKKEEPING = {"epoch", "step", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+               "learning_rate", "num_tokens", "step_time"}
+
+# Which way is better, by the metric's name: losses, divergences and harm go down; reward and accuracy go up. Any
+# other metric has a final value but no "best" unless a sweep names its goal.
+LOWER_IS_BETTER = re.compile(r"loss|kl|harm|perplexity")
+HIGHER_IS_BETTER = re.compile(r"reward|accuracy|margin|win_rate")
+
+
+def metric_goal(name: str) -> str | None:
+    """``"min"``, ``"max"`` or None (no best) for a metric name; a spread (``*_std``) has none."""
+    if "std" in name:
+        return None
+    if LOWER_IS_BETTER.search(name):
+        return "min"
+    if HIGHER_IS_BETTER.search(name):
+        return "max"
+    return None
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def training_stages(run_dir: Path) -> dict[str, list[dict]]:
+    """Each training stage's ``log_history``, by its directory relative to ``run_dir`` (``"."`` for the run itself).
+
+    Checkpoints hold copies of their stage's history so far; they are read only where a stage has no final
+    ``trainer_state.json`` (a run killed mid-way).
+    """
+    stages = {}
+    for state in sorted(run_dir.rglob("trainer_state.json")):
+        stage = state.parent
+        if stage.name.startswith("checkpoint-"):
+            continue
+        stages[str(stage.relative_to(run_dir))] = json.loads(state.read_text())["log_history"]
+    for checkpoint in sorted(run_dir.rglob("checkpoint-*/trainer_state.json"),
+                             key=lambda path: int(path.parent.name.split("-")[-1])):
+        stage = str(checkpoint.parent.parent.relative_to(run_dir))
+        final = run_dir / stage / "trainer_state.json"
+        if stage not in stages or checkpoint.stat().st_mtime > final.stat().st_mtime:
+            stages[stage] = json.loads(checkpoint.read_text())["log_history"]
+    return stages
+
+
+def metric_name(stage: str, key: str) -> str:
+    return key if stage == "." else f"{stage}/{key}"
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every logged metric's (step, value) points, over all training stages."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for stage, history in training_stages(run_dir).items():
+        for entry in history:
+            for key, value in entry.items():
+                if key not in BOOKKEEPING and not key.startswith("train_") and is_number(value):
+                    points.setdefault(metric_name(stage, key), []).append((entry["step"], float(value)))
+    return points
+
+
+def final_results(run_dir: Path) -> dict[str, float]:
+    """The numbers a run saved at its end (``save_metrics``): ``all_results.json`` or each ``*_results.json``, in
+    the run directory and its stages' directories."""
+    results = {}
+    for path in sorted(run_dir.rglob("*_results.json")):
+        if any(part.startswith("checkpoint-") for part in path.parts):
+            continue
+        stage = str(path.parent.relative_to(run_dir))
+        if path.name != "all_results.json" and (path.parent / "all_results.json").is_file():
+            continue  # merged into all_results.json already
+        content = json.loads(path.read_text())
+        if isinstance(content, dict):
+            results.update({metric_name(stage, key): float(value) for key, value in content.items()
+                            if is_number(value) and key not in BOOKKEEPING
+                            and key.removeprefix("train_") not in BOOKKEEPING})
+    return results
+
+
+def run_metrics(run_dir: Path, goals: dict[str, str | None] | None = None) -> dict[str, dict[str, float]]:
+    """Each metric's ``final`` value (the saved result, else the last logged one) and, where it was logged and has a
+    goal (from ``goals``, else by its name), its ``best`` logged value."""
+    goals = goals or {}
+    metrics = {name: {"final": value} for name, value in final_results(run_dir).items()}
+    for name, points in curves(run_dir).items():
+        values = [value for _, value in points]
+        goal = goals.get(name, metric_goal(name))
+        entry = metrics.setdefault(name, {"final": values[-1]})
+        if goal is not None:
+            entry["best"] = min(values) if goal == "min" else max(values)
+    return metrics
+
+
+def format_number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def plot_curves(series: dict[str, dict[str, list[tuple[int, float]]]], directory: Path, title: str = "") -> list[Path]:
+    """One PNG per metric: ``series[metric][label]`` is a line of (step, value) points. Returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for metric, lines in sorted(series.items()):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for label, points in lines.items():
+            steps = [step for step, _ in points]
+            axis.plot(steps, [value for _, value in points], marker="o" if len(points) < 30 else None,
+                      markersize=3, label=label)
+        axis.set_xlabel("step")
+        axis.set_ylabel(metric)
+        axis.set_title(f"{title}{metric}")
+        axis.grid(alpha=0.3)
+        if len(lines) > 1:
+            axis.legend(fontsize=7)
+        path = directory / (re.sub(r"[^A-Za-z0-9_.-]+", "_", metric) + ".png")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        files.append(path)
+    return files
+
+
+def write_report(run_dir: Path) -> Path:
+    """``RUN_DIR/report.md``: settings, final and best values, one curve per metric. Returns its path."""
+    from llmreg.launch import RUN_RECORD
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a directory: give a recipe's output_dir.")
+    metrics = run_metrics(run_dir)
+    if not metrics:
+        raise ValueError(f"{run_dir} holds no trainer_state.json or *_results.json: nothing was logged there yet "
+                         "(give a recipe's output_dir, after training has logged or saved).")
+    lines = [f"# Report: {run_dir.resolve().name}", ""]
+    record = run_dir / RUN_RECORD
+    if record.is_file():
+        run = yaml.safe_load(record.read_text())
+        lines += [f"Method: `{run['method']}`", "", "Launched with:", "", "```", " ".join(run["command"]), "```", "",
+                  "## Settings", "", "Every key not at its dataclass default (recipe default, YAML or command line):",
+                  "", "```yaml", yaml.safe_dump(run["settings"], sort_keys=True, allow_unicode=True).rstrip(), "```",
+                  ""]
+    else:
+        lines += ["## Settings", "", f"Not recorded: {RUN_RECORD} is written by `llmreg run` and `llmreg ablate`.", ""]
+
+    lines += ["## Results", "", "| metric | final | best |", "|---|---:|---:|"]
+    for name, value in sorted(metrics.items()):
+        best = format_number(value["best"]) if "best" in value else ""
+        lines.append(f"| {name} | {format_number(value['final'])} | {best} |")
+    lines.append("")
+
+    run_curves = curves(run_dir)
+    if run_curves:
+        files = plot_curves({name: {run_dir.name: points} for name, points in run_curves.items()},
+                            run_dir / "report_plots")
+        lines += ["## Curves", ""]
+        lines += [f"![{path.stem}](report_plots/{path.name})" for path in files]
+        lines.append("")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
