@@ -30,7 +30,7 @@ from llmreg.rpg import RPGConfig, RPGTrainer
 
 def run(variant: str, max_steps: int, seed: int) -> dict:
     # The recipe's no-argument settings, so the table describes what `accelerate launch recipes/rpg.py` does.
-    _, recipe_args, _ = rpg_recipe.make_parser().parse_args_and_config([])
+    _, _, recipe_args, _ = rpg_recipe.make_parser().parse_args_and_config([])
     shared = {
         name: getattr(recipe_args, name)
         for name in ("learning_rate", "per_device_train_batch_size", "num_generations", "max_completion_length",

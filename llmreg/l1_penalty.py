@@ -27,8 +27,10 @@ class L1PenaltyMixin:
             raise ValueError(f"l1_lambda must be >= 0, got {l1_lambda}.")
         super().__init__(*args, **kwargs)
         self.l1_lambda = l1_lambda
+        self._l1_params, self._l1_origin = [], None
+        if l1_lambda == 0:  # off: no copy of the weights, and nothing refused (recipes compose it unconditionally)
+            return
         self._l1_params = [p for p in self.model.parameters() if p.requires_grad]
-        self._l1_origin = None
         if not isinstance(self.model, PeftModel):  # full fine-tuning: the distance from the starting weights
             if is_zero3(self.accelerator):
                 raise ValueError("The ℓ1 penalty of full fine-tuning (on θ − θ₀) keeps a copy of the starting "

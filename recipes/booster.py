@@ -8,6 +8,7 @@ held-out harmful prompts before and after (recipes/configs/booster_lab.yaml spel
     accelerate launch recipes/booster.py
     accelerate launch recipes/booster.py --booster_lambda 0     # plain SFT alignment, for comparison
     accelerate launch recipes/booster.py --vaccine_rho 2        # Booster + Vaccine (with --booster_lambda 0: Vaccine)
+    accelerate launch recipes/booster.py --use_peft --lora_dropout_p 0.1    # Booster on a LoRA with LoRA Dropout
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/booster.py
 
 The paper's setting (Llama-2-7B with LoRA; see the comments in the config):
@@ -23,6 +24,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.lab import generate_completions, harmful_score, is_refusal, safety_eval_prompts
+from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.trainer_utils import without_zero3
 
@@ -49,17 +51,19 @@ def lab_safety(model_path: str) -> dict[str, float]:
             "refusal_rate": 100.0 * sum(map(is_refusal, answers)) / len(answers)}
 
 
-def main(script_args: BoosterScriptArguments, training_args: BoosterConfig, model_args: ModelConfig) -> None:
+def main(script_args: BoosterScriptArguments, dropout: LoRADropoutConfig, training_args: BoosterConfig,
+         model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
     harmful_args = ScriptArguments(dataset_name=script_args.harmful_dataset_name)
     harmful_dataset = load_recipe_dataset(harmful_args, script_args.dataset_train_split)
-    trainer = BoosterTrainer(
+    trainer = with_lora_dropout(BoosterTrainer)(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_dataset,
         harmful_dataset=harmful_dataset,
         peft_config=get_peft_config(model_args),
+        lora_dropout=dropout,
     )
     on_lab = script_args.dataset_name.startswith("llmreg/") and not model_args.use_peft
     accelerator = trainer.accelerator
@@ -88,7 +92,7 @@ def main(script_args: BoosterScriptArguments, training_args: BoosterConfig, mode
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/booster_lab.yaml spells out.
     return make_recipe_parser(
-        (BoosterScriptArguments, BoosterConfig, ModelConfig),
+        (BoosterScriptArguments, LoRADropoutConfig, BoosterConfig, ModelConfig),
         dataset_name="llmreg/safety-alignment",
         output_dir="outputs/booster",
         max_steps=200,

@@ -4,6 +4,7 @@
     accelerate launch recipes/reweight.py
     accelerate launch recipes/reweight.py --strategies uniform linupper --reweight_r 0.4 --seed 1
     accelerate launch --config_file accelerate_configs/multi_process.yaml recipes/reweight.py
+    accelerate launch recipes/reweight.py --from_scratch false --use_peft --lora_dropout_p 0.1 --l1_lambda 1e-4
 
 The lab is pretraining-style: the lab model's architecture and tokenizer, initialized from the seed
 (``--from_scratch``), trained on the lab corpus (informative, near-duplicate and noisy text) and evaluated on fresh
@@ -11,6 +12,8 @@ informative text every ``eval_steps``. Each strategy of ``--strategies`` gets on
 replaced by each in turn; without ``--strategies`` the recipe runs ``--reweight_strategy`` alone). Results, under
 ``output_dir``: ``reweight_results.{md,json}`` (final held-out loss, and the steps each strategy took to reach
 uniform's final held-out loss) and ``reweight_curves.png``. recipes/configs/reweight.yaml holds the paper's settings.
+With ``--use_peft`` a LoRA adapter trains, and LoRA Dropout (``--lora_dropout_p``) and the ℓ1 penalty
+(``--l1_lambda``) compose with the reweighting (docs/lora_dropout.md, "Composing with other regularizers").
 """
 
 import io
@@ -22,8 +25,10 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from trl import ModelConfig, ScriptArguments
+from trl import ModelConfig, ScriptArguments, get_peft_config
 
+from llmreg.l1_penalty import with_l1_penalty
+from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.losses.reweighting import STRATEGIES
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.reweight import ReweightConfig, ReweightTrainer
@@ -46,6 +51,8 @@ class ReweightScriptArguments(ScriptArguments):
     )
     num_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     num_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N held-out rows."})
+    l1_lambda: float = field(default=0.0, metadata={"help": "λ1 of the ℓ1 penalty on the trainable parameters "
+                                                            "(0: off)."})
 
 
 def held_out_curve(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -83,7 +90,8 @@ def curves_plot(curves: dict[str, list[tuple[int, float]]]) -> bytes:
     return buffer.getvalue()
 
 
-def main(script_args: ReweightScriptArguments, training_args: ReweightConfig, model_args: ModelConfig) -> list[dict]:
+def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, training_args: ReweightConfig,
+         model_args: ModelConfig) -> list[dict]:
     strategies = script_args.strategies or [training_args.reweight_strategy]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
@@ -107,8 +115,9 @@ def main(script_args: ReweightScriptArguments, training_args: ReweightConfig, mo
             torch.manual_seed(args.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=init_kwargs["dtype"])
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-        trainer = ReweightTrainer(model, args=args, train_dataset=train, eval_dataset=heldout,
-                                  processing_class=tokenizer)
+        trainer = with_l1_penalty(with_lora_dropout(ReweightTrainer))(
+            model, args=args, train_dataset=train, eval_dataset=heldout, processing_class=tokenizer,
+            peft_config=get_peft_config(model_args), lora_dropout=dropout, l1_lambda=script_args.l1_lambda)
         trainer.train()
         curves[strategy] = held_out_curve(trainer.state.log_history)
         trainer.accelerator.wait_for_everyone()
@@ -131,7 +140,7 @@ def main(script_args: ReweightScriptArguments, training_args: ReweightConfig, mo
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/reweight_lab.yaml spells out.
     return make_recipe_parser(
-        (ReweightScriptArguments, ReweightConfig, ModelConfig),
+        (ReweightScriptArguments, LoRADropoutConfig, ReweightConfig, ModelConfig),
         dataset_name="llmreg/corpus",
         output_dir="outputs/reweight",
         strategies=["uniform", "linupper", "quadratic", "extremes"],

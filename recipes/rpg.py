@@ -6,6 +6,7 @@ prints held-out accuracy before and after and the mean KL to the reference:
     accelerate launch recipes/rpg.py
     accelerate launch recipes/rpg.py --config recipes/configs/rpg_lab.yaml --divergence urkl --estimator reinforce
     accelerate launch --config_file accelerate_configs/multi_process.yaml recipes/rpg.py --max_steps 20
+    accelerate launch recipes/rpg.py --use_peft --lora_dropout_p 0.1     # a LoRA adapter with LoRA Dropout
 
 The paper's setting for a real model (8 GPUs, vLLM off; see the comments in the config):
 
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.lab import arithmetic_accuracy
+from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.trainer_utils import check_dataset_columns, import_object, without_zero3
@@ -43,17 +45,19 @@ def lab_accuracy(model_path: str) -> float:
         return arithmetic_accuracy(model, AutoTokenizer.from_pretrained(model_path))
 
 
-def main(script_args: RPGScriptArguments, training_args: RPGConfig, model_args: ModelConfig) -> None:
+def main(script_args: RPGScriptArguments, dropout: LoRADropoutConfig, training_args: RPGConfig,
+         model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
     check_dataset_columns(train_dataset, {"prompt-only": ("prompt",)}, "RPG")
     reward_funcs = [import_object(path) for path in script_args.reward_funcs]
-    trainer = RPGTrainer(
+    trainer = with_lora_dropout(RPGTrainer)(
         model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         peft_config=get_peft_config(model_args),
+        lora_dropout=dropout,
     )
     # Held-out accuracy is measured from the saved weights on the main process, so it works under any launcher.
     on_lab_task = script_args.dataset_name == "llmreg/arithmetic" and not model_args.use_peft
@@ -82,7 +86,7 @@ def main(script_args: RPGScriptArguments, training_args: RPGConfig, model_args: 
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/rpg_lab.yaml spells out.
     return make_recipe_parser(
-        (RPGScriptArguments, RPGConfig, ModelConfig),
+        (RPGScriptArguments, LoRADropoutConfig, RPGConfig, ModelConfig),
         dataset_name="llmreg/arithmetic",
         output_dir="outputs/rpg",
         max_steps=800,

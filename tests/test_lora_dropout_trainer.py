@@ -227,4 +227,5 @@ def test_several_training_samples_are_refused_with_trainers_that_take_step_count
 
     trainer_class = with_lora_dropout({"UnlearnTrainer": UnlearnTrainer, "ReweightTrainer": ReweightTrainer}[trainer])
     with pytest.raises(ValueError, match="Use lora_dropout_train_samples=1"):
-        trainer_class("no-model-is-loaded", lora_dropout=LoRADropoutConfig(lora_dropout_train_samples=2))
+        trainer_class("no-model-is-loaded", lora_dropout=LoRADropoutConfig(lora_dropout_p=0.1,
+                                                                           lora_dropout_train_samples=2))

@@ -5,7 +5,8 @@ whole step shares:
 
 1. g = ∇h(w) on a harmful batch, by ``torch.autograd.grad`` (the accumulated ``.grad`` is never touched); h is the
    token mean over the harmful batches of all processes (each process's summed loss over the global token count,
-   gradients summed over processes), so the direction is normalized over the global harmful batch;
+   gradients summed over processes), so the direction is normalized over the global harmful batch; with a random
+   training forward (LoRA Dropout), step 3 replays this pass's random draws: both are of one sampled sub-network;
 2. w̃ = w − α·g/(‖g‖ + ε), applied in place after saving a copy of every trainable parameter (gathered under ZeRO-3);
 3. g̃ = ∇h(w̃) on the same batch; the parameters are then copied back, bit for bit;
 4. λ·(g − g̃) joins that micro-batch's backward through gradient hooks on the parameters, so it reaches the gradient
@@ -127,6 +128,16 @@ class BoosterTrainer(SFTTrainer):
                 for p, copy in zip(params, saved):
                     p.copy_(copy)
 
+    def _random_draws_replayed(self):
+        """torch's generators (CPU and this process's device) are restored on leaving the block, so that the next pass
+        draws what the block drew. Booster's objective is of one network: h(w) − h(w − α·∇h(w)/‖∇h(w)‖) with the same
+        h in both terms. With a random training forward (LoRA Dropout's masks, PEFT's lora_dropout, attention dropout)
+        h is the loss of one sampled sub-network m, and both harmful passes must be of that m: a second draw would
+        evaluate h_m2 at a step taken along ∇h_m1, which is no sub-network's regularizer. Activation checkpointing
+        replays the generator within a pass, so it changes nothing here."""
+        device = self.accelerator.device
+        return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
+
     def _booster_gradient(self, model) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
         """λ·(∇h(w) − ∇h(w̃)) for this process, to be added to the gradient of the step's last micro-batch: every
         process adds λ·(g − R·g̃_r), g of the global harmful batch and g̃_r its own share of ∇h(w̃), so that the
@@ -138,8 +149,10 @@ class BoosterTrainer(SFTTrainer):
         processes = self.accelerator.num_processes
         num_items = self.accelerator.reduce((batch["labels"][:, 1:] != -100).sum(), reduction="sum")
 
-        harmful_loss = self._lm_loss(unwrapped, batch, num_items)
-        grads = self._sum_over_processes(self._grad(harmful_loss, params))
+        with self._random_draws_replayed():  # w̃'s pass below draws what this one draws: one sub-network
+            harmful_loss = self._lm_loss(unwrapped, batch, num_items)
+            local_grads = self._grad(harmful_loss, params)
+        grads = self._sum_over_processes(local_grads)
         with self._moved_to(params, perturbation(grads, args.booster_alpha, args.booster_epsilon)):
             perturbed_loss = self._lm_loss(unwrapped, batch, num_items)
             perturbed_grads = [processes * g for g in self._grad(perturbed_loss, params)]

@@ -14,8 +14,9 @@ The masks are applied by PEFT's ``lora_A`` (to its input) and ``lora_B`` (to its
 swapped for a masking subclass of nn.Linear (same parameters, same state dict), so any PEFT LoRA model and any Trainer
 get them. They are drawn afresh at every forward of a module in training mode, or in eval mode
 inside ``ensemble()``; by default one mask per forward is shared by every example and token of the batch
-(``per_example=True`` draws one per example). In eval mode outside ``ensemble()`` both sides are scaled by 1 − p: one
-deterministic pass of the expected update (1−p)²·BA, which is also what ``merge_and_unload`` bakes in.
+(``per_example=True`` draws one per example). In eval mode outside ``ensemble()``, or inside ``expected_adapter()``,
+both sides are scaled by 1 − p: one deterministic pass of the expected update (1−p)²·BA, which is also what
+``merge_and_unload`` bakes in.
 """
 
 import json
@@ -70,7 +71,7 @@ def lora_layers(model) -> list[LoraLayer]:
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     if not layers:
         raise ValueError("LoRA Dropout acts on a LoRA adapter, and this model has none: pass a peft_config (LoRA) to "
-                         "the trainer, or wrap the model with peft.get_peft_model.")
+                         "the trainer (--use_peft in the recipes), or wrap the model with peft.get_peft_model.")
     for layer in layers:
         for name in layer.active_adapters:
             if name not in layer.lora_A:
@@ -101,6 +102,8 @@ class LoRADropout:
         self.model = model
         self.config = config
         self.ensemble_active = False  # masks on in eval mode too (inside ensemble())
+        self.expected_active = False  # masks off in training mode too (inside expected_adapter())
+        self._recorded: list[torch.Tensor] | None = None  # the masks drawn inside recorded_masks()
         self.layers = lora_layers(model)
         self._modules = []
         for layer in self.layers:
@@ -124,12 +127,15 @@ class LoRADropout:
         deterministic pass computes the expected update (1−p)²·B·A. Each call draws from torch's generator, so
         activation checkpointing, which replays the generator, recomputes the same masks."""
         keep = 1.0 - self.config.lora_dropout_p
-        if keep == 1.0 or not (module.training or self.ensemble_active):
+        if keep == 1.0 or self.expected_active or not (module.training or self.ensemble_active):
             return keep
         shape = [1] * (reference.dim() - 1) + [reference.shape[-1]]
         if self.config.lora_dropout_per_example and reference.dim() > 1:
             shape[0] = reference.shape[0]
-        return torch.empty(shape, dtype=reference.dtype, device=reference.device).bernoulli_(keep)
+        mask = torch.empty(shape, dtype=reference.dtype, device=reference.device).bernoulli_(keep)
+        if self._recorded is not None:
+            self._recorded.append(mask)
+        return mask
 
     def _refuse_merge(self, *args, **kwargs):
         raise RuntimeError("This LoRA adapter trains with LoRA Dropout: merging B·A would not give the model it "
@@ -144,6 +150,25 @@ class LoRADropout:
             yield
         finally:
             self.ensemble_active = previous
+
+    @contextmanager
+    def expected_adapter(self):
+        """Inside the block, the model in training mode too computes the expected adapter (1−p)²·BA, drawing no
+        masks: the deterministic policy the adapter stands for, as in eval mode."""
+        previous, self.expected_active = self.expected_active, True
+        try:
+            yield
+        finally:
+            self.expected_active = previous
+
+    @contextmanager
+    def recorded_masks(self):
+        """Inside the block, the masks drawn are also appended to the list it yields (for the kept fraction)."""
+        previous, self._recorded = self._recorded, []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = previous
 
     def remove(self) -> None:
         for module in self._modules:
