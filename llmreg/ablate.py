@@ -224,8 +224,9 @@ def execute(sweep: Sweep) -> dict[str, str]:
             (run.output_dir / DONE).write_text(json.dumps({"fingerprint": run.fingerprint(), "seconds": seconds}))
             status[run.name] = "finished"
         else:
-            where = "error.txt" if sweep.launch == "sequential" else "launch.log"
-            logger.error("%s failed after %s s: see %s", run.name, seconds, run.output_dir / where)
+            error = run.output_dir / "error.txt"
+            logger.error("%s failed after %s s: see %s", run.name, seconds,
+                         error if error.is_file() else run.output_dir / "launch.log")
             status[run.name] = "failed"
     return status
 

@@ -199,3 +199,24 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     run = tmp_path / "sweep" / "rpg-divergence=kl-seed0"
     assert "divergence" in (run / "error.txt").read_text() and not (run / DONE).exists()
     assert "Failed: rpg-divergence=kl-seed0" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_separate_launches_run_each_recipe_through_accelerate_with_its_launch_options(lab_model_dir, tmp_path):
+    # `launch: separate`: the grid may hold launch options; each run is its own `accelerate launch` (its log in
+    # launch.log), and a run refused by its recipe's parser fails alone.
+    path = write_sweep(tmp_path, {"launch": "separate", "experiments": [
+        {"method": "sft", "settings": {"max_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 4,
+                                       "max_length": 64, "accelerate_config": "single_process"},
+         "grid": {"lr_scheduler_type": ["constant", "no-such-schedule"]}}]})
+    from llmreg.ablate import ablate
+
+    assert ablate(path) == 1
+    good, bad = tmp_path / "sweep" / "sft-lr_scheduler_type=constant-seed0", tmp_path / "sweep" / (
+        "sft-lr_scheduler_type=no-such-schedule-seed0")
+    assert (good / DONE).is_file() and "train_runtime" in (good / "launch.log").read_text()
+    record = yaml.safe_load((good / "llmreg_run.yaml").read_text())
+    assert record["launch"] == {"accelerate_config": "single_process"} and "--config_file" in record["command"]
+    assert len([entry for entry in json.loads((good / "trainer_state.json").read_text())["log_history"]
+                if "loss" in entry]) == 2
+    assert "no-such-schedule" in (bad / "error.txt").read_text() and not (bad / DONE).exists()
