@@ -1,10 +1,12 @@
 """Read a run's logs, and write its report: ``llmreg report RUN_DIR``.
 
-A run directory is a recipe's ``output_dir``. What a run logged lives there in the Trainer's own files:
-``trainer_state.json`` (``log_history``: every logged metric at its step), one per training stage (a recipe that
-trains several models writes one per sub-directory), and ``*_results.json`` / ``all_results.json`` (``save_metrics``:
-the final numbers, and the recipe's own summary, such as held-out accuracy). ``llmreg_run.yaml`` (written by
-``llmreg run`` and ``llmreg ablate``) holds the settings it ran with.
+A run directory is a recipe's ``output_dir``. What a run logged lives there, in the Trainer's files and llmreg's:
+- ``trainer_state.json`` (``log_history``: every logged metric at its step), or ``log_history.json`` (the list
+  alone), one per training stage: a recipe that trains several models writes one per sub-directory;
+- ``*_results.json`` / ``all_results.json`` (``save_metrics``: the final numbers, and the recipe's own summary, such
+  as held-out accuracy) and ``eval.json`` (a stage's evaluation: a self-play iteration's win rate, an unlearned
+  model's forget quality), flat mappings of numbers;
+- ``llmreg_run.yaml`` (written by ``llmreg run`` and ``llmreg ablate``): the settings it ran with.
 
 ``write_report`` turns these into ``report.md``: the settings, the final and best value of every metric, and one PNG
 curve per metric (under ``report_plots/``).
@@ -50,6 +52,8 @@ def training_stages(run_dir: Path) -> dict[str, list[dict]]:
     ``trainer_state.json`` (a run killed mid-way).
     """
     stages = {}
+    for history in sorted(run_dir.rglob("log_history.json")):
+        stages[str(history.parent.relative_to(run_dir))] = json.loads(history.read_text())
     for state in sorted(run_dir.rglob("trainer_state.json")):
         stage = state.parent
         if stage.name.startswith("checkpoint-"):
@@ -59,7 +63,7 @@ def training_stages(run_dir: Path) -> dict[str, list[dict]]:
                              key=lambda path: int(path.parent.name.split("-")[-1])):
         stage = str(checkpoint.parent.parent.relative_to(run_dir))
         final = run_dir / stage / "trainer_state.json"
-        if stage not in stages or checkpoint.stat().st_mtime > final.stat().st_mtime:
+        if stage not in stages or final.is_file() and checkpoint.stat().st_mtime > final.stat().st_mtime:
             stages[stage] = json.loads(checkpoint.read_text())["log_history"]
     return stages
 
@@ -80,10 +84,10 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def final_results(run_dir: Path) -> dict[str, float]:
-    """The numbers a run saved at its end (``save_metrics``): ``all_results.json`` or each ``*_results.json``, in
-    the run directory and its stages' directories."""
+    """The numbers a run saved at its end: ``all_results.json`` or each ``*_results.json`` (``save_metrics``), and
+    ``eval.json``, in the run directory and its stages' directories."""
     results = {}
-    for path in sorted(run_dir.rglob("*_results.json")):
+    for path in sorted([*run_dir.rglob("*_results.json"), *run_dir.rglob("eval.json")]):
         if any(part.startswith("checkpoint-") for part in path.parts):
             continue
         stage = str(path.parent.relative_to(run_dir))

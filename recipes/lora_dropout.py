@@ -20,7 +20,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_co
 from llmreg.lab import expected_calibration_error
 from llmreg.lora_dropout import LoRADropoutConfig, choice_probabilities, with_lora_dropout
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
-from llmreg.trainer_utils import reset_accelerator_state
+from llmreg.trainer_utils import reset_accelerator_state, write_atomically
 
 
 @dataclass
@@ -64,10 +64,15 @@ def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, tr
                                                 eval_dataset=heldout, peft_config=get_peft_config(model_args),
                                                 lora_dropout=config)
         trainer.train()
+        trainer.save_state()  # <arm>/trainer_state.json: the curves llmreg report and llmreg ablate read
         samples = [0] if p == 0 else [0, dropout.lora_dropout_eval_samples]
+        scores = {}  # flat, for <arm>/eval.json: heldout_loss, ..., and ensemble_heldout_loss, ... with the ensemble
         for num_samples in dict.fromkeys(samples):
-            rows.append({"model": name, "ensemble": num_samples,
-                         **evaluate(trainer, heldout, script_args.label_choices, num_samples)})
+            row = evaluate(trainer, heldout, script_args.label_choices, num_samples)
+            rows.append({"model": name, "ensemble": num_samples, **row})
+            scores.update({("ensemble_" if num_samples else "") + key: value for key, value in row.items()})
+        if training_args.process_index == 0:
+            write_atomically(Path(training_args.output_dir) / "eval.json", json.dumps(scores, indent=1))
         trainer.accelerator.wait_for_everyone()
     trainer.end()
     if training_args.process_index == 0:

@@ -119,6 +119,7 @@ def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, train
             model, args=args, train_dataset=train, eval_dataset=heldout, processing_class=tokenizer,
             peft_config=get_peft_config(model_args), lora_dropout=dropout, l1_lambda=script_args.l1_lambda)
         trainer.train()
+        trainer.save_state()  # <strategy>/trainer_state.json: the curves llmreg report and llmreg ablate read
         curves[strategy] = held_out_curve(trainer.state.log_history)
         trainer.accelerator.wait_for_everyone()
     trainer.end()
@@ -131,6 +132,9 @@ def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, train
              "steps_to_uniform_final": steps_to_reach(c, target) if target is not None else None, "curve": c}
             for s, c in curves.items()]
     write_atomically(base_dir / "reweight_results.json", json.dumps(rows, indent=1))
+    for row in rows:  # flat, per strategy, for llmreg report and llmreg ablate (<strategy>/final_heldout_loss)
+        write_atomically(base_dir / row["strategy"] / "eval.json", json.dumps(
+            {key: value for key, value in row.items() if isinstance(value, (int, float))}, indent=1))
     write_atomically(base_dir / "reweight_results.md", results_table(rows))
     write_atomically(base_dir / "reweight_curves.png", curves_plot(curves))
     print(results_table(rows))

@@ -217,6 +217,14 @@ def main(script_args: UnlearnScriptArguments, training_args: UnlearnConfig, mode
         write_atomically(output_dir / "unlearn_results.json", json.dumps({"settings": settings, "rows": rows},
                                                                         indent=1))
         write_atomically(output_dir / "unlearn_results.md", results_table(rows))
+        # Each model's numbers also flat, in its own directory, where llmreg report and llmreg ablate read them
+        # (unlearned/forget_quality, original/forget_accuracy, ...).
+        for scores in rows:
+            short = "original" if scores is rows[0] and scores["model"] == "original" else (
+                "gold" if scores["model"].startswith("gold") else "unlearned")
+            (output_dir / short).mkdir(parents=True, exist_ok=True)
+            write_atomically(output_dir / short / "eval.json", json.dumps(
+                {key: value for key, value in scores.items() if isinstance(value, (int, float))}, indent=1))
         print(results_table(rows))
     return rows
 

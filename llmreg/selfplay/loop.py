@@ -296,6 +296,7 @@ class SelfPlayLoop:
         trainer = trainer_class(self.model_path(t), args=args, train_dataset=dataset,
                                 processing_class=self.tokenizer, peft_config=self.peft_config)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(Path(args.output_dir)))
+        trainer.save_state()  # iter_<t>/train/trainer_state.json: the curves llmreg report and llmreg ablate read
         # π_{t+1} is a whole model (a LoRA adapter merged into π_t), so the next iteration starts from it.
         save_whole_model(trainer, directory / "model", merge_adapter=self.peft_config is not None)
         del trainer
