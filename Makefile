@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/llmreg lab eval outputs/sft
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 lint: setup
 	$(BIN)/ruff check .
