@@ -27,6 +27,7 @@ configuration (mean over seeds).
 """
 
 import csv
+import gc
 import hashlib
 import itertools
 import json
@@ -39,6 +40,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from llmreg.launch import RECIPES_DIR, recipe_names, run_recipe
@@ -190,7 +192,12 @@ def run_in_process(run: SweepRun, config_file: Path) -> None:
                                                   *argv], launch, settings)
     reset_accelerator_state()
     recipe = importlib.import_module(f"llmreg.recipes.{run.method}")
-    recipe.main(*parse_recipe_args(recipe.make_parser(), argv))
+    try:
+        recipe.main(*parse_recipe_args(recipe.make_parser(), argv))
+    finally:  # the next run starts with this one's models and trainers released
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def execute(sweep: Sweep) -> dict[str, str]:
