@@ -86,9 +86,13 @@ class Sweep:
     runs: list[SweepRun] = field(default_factory=list)
 
 
-def check_keys(mapping, allowed: set[str], where: str) -> None:
+def check_mapping(mapping, where: str) -> None:
     if not isinstance(mapping, dict):
         raise TypeError(f"{where} must be a YAML mapping, got {type(mapping).__name__}.")
+
+
+def check_keys(mapping, allowed: set[str], where: str) -> None:
+    check_mapping(mapping, where)
     unknown = sorted(set(mapping) - allowed)
     if unknown:
         raise ValueError(f"Unknown keys in {where}: {unknown}; valid keys: {sorted(allowed)}.")
@@ -129,7 +133,7 @@ def load_sweep(path: Path) -> Sweep:
     if metrics is not None:
         if isinstance(metrics, list):
             metrics = {name: metric_goal(name) for name in metrics}
-        check_keys(metrics, set(metrics), f"metrics of {path}")
+        check_mapping(metrics, f"metrics of {path}")
         bad = {name: goal for name, goal in metrics.items() if goal not in ("min", "max", None)}
         if bad:
             raise ValueError(f"metrics of {path}: goals must be min, max or null, got {bad}.")
@@ -146,9 +150,9 @@ def load_sweep(path: Path) -> Sweep:
             raise ValueError(f"{where}: method {method!r} is not a recipe; valid methods: "
                              f"{', '.join(recipe_names())}.")
         settings = experiment.get("settings") or {}
-        check_keys(settings, set(settings), f"settings of {where}")
+        check_mapping(settings, f"settings of {where}")
         grid = experiment.get("grid") or {}
-        check_keys(grid, set(grid), f"grid of {where}")
+        check_mapping(grid, f"grid of {where}")
         not_lists = [key for key, values in grid.items() if not isinstance(values, list) or not values]
         if not_lists:
             raise ValueError(f"grid of {where}: {not_lists} must each be a non-empty list of values.")

@@ -220,7 +220,7 @@ def main(script_args: UnlearnScriptArguments, training_args: UnlearnConfig, mode
         # Each model's numbers also flat, in its own directory, where llmreg report and llmreg ablate read them
         # (unlearned/forget_quality, original/forget_accuracy, ...).
         for scores in rows:
-            short = "original" if scores is rows[0] and scores["model"] == "original" else (
+            short = scores["model"] if scores["model"] == "original" else (
                 "gold" if scores["model"].startswith("gold") else "unlearned")
             (output_dir / short).mkdir(parents=True, exist_ok=True)
             write_atomically(output_dir / short / "eval.json", json.dumps(

@@ -208,7 +208,8 @@ def test_the_recipe_compares_lora_with_lora_dropout_with_and_without_the_ensembl
     from test_recipes import REPO, launch
 
     launch("single_process.yaml", REPO / "recipes" / "lora_dropout.py", "--output_dir", str(tmp_path),
-           "--num_train_epochs", "2", "--num_eval_samples", "16", "--lora_dropout_eval_samples", "2")
+           "--num_train_epochs", "2", "--num_eval_samples", "16", "--lora_dropout_eval_samples", "2",
+           "--logging_steps", "1")
     rows = json.loads((tmp_path / "lora_dropout_results.json").read_text())
     assert [(row["model"], row["ensemble"]) for row in rows] == [
         ("LoRA", 0), ("LoRA Dropout (p = 0.2)", 0), ("LoRA Dropout (p = 0.2)", 2)]
@@ -216,6 +217,13 @@ def test_the_recipe_compares_lora_with_lora_dropout_with_and_without_the_ensembl
                for row in rows)
     assert rows[1]["heldout_loss"] != rows[0]["heldout_loss"]  # the masks changed the training
     assert "| LoRA Dropout (p = 0.2) | 2 |" in (tmp_path / "lora_dropout_results.md").read_text()
+    # What llmreg report and llmreg ablate read: each arm's scores and training curve, by its directory.
+    from llmreg.report import run_metrics
+
+    metrics = run_metrics(tmp_path)
+    assert metrics["lora/heldout_loss"]["final"] == rows[0]["heldout_loss"]
+    assert metrics["lora_dropout/ensemble_accuracy"]["final"] == rows[2]["accuracy"]
+    assert "lora_dropout/lora_dropout/kept_fraction" in metrics and "lora/loss" in metrics
 
 
 @pytest.mark.parametrize("trainer", ["UnlearnTrainer", "ReweightTrainer"])

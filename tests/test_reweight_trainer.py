@@ -143,3 +143,10 @@ def test_the_recipe_compares_strategies_from_the_same_start(lab_model_dir, tmp_p
     assert uniform["steps_to_uniform_final"] == reweight.steps_to_reach(uniform["curve"], uniform["curve"][-1][1])
     assert (tmp_path / "reweight_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "| linupper |" in (tmp_path / "reweight_results.md").read_text()
+    # What llmreg report and llmreg ablate read: each strategy's held-out curve and final numbers, by its directory.
+    from llmreg.report import run_metrics
+
+    metrics = run_metrics(tmp_path)
+    assert metrics["linupper/eval_loss"] == {"final": linupper["curve"][-1][1],
+                                             "best": min(loss for _, loss in linupper["curve"][1:])}
+    assert metrics["uniform/final_heldout_loss"]["final"] == uniform["final_heldout_loss"]

@@ -150,6 +150,12 @@ def test_rspo_recipe_runs_iterations_and_prints_the_table(lab_model_dir, tmp_pat
     pairs = json.loads((tmp_path / "iter_1" / "dataset" / "dataset_info.json").read_text())["features"]
     assert {"prompt", "chosen", "rejected", "chosen_probs_win", "chosen_probs_lose", "chosen_probs"} <= set(pairs)
     assert all(0.0 <= row["score"] <= 1.0 for row in summary)
+    # What llmreg report and llmreg ablate read: each iteration's evaluation and training curve.
+    from llmreg.report import run_metrics
+
+    metrics = run_metrics(tmp_path)
+    assert metrics["iter_2/win_rate_vs_base"]["final"] == summary[-1]["win_rate_vs_base"]
+    assert "iter_1/train/loss" in metrics
 
 
 @pytest.mark.slow

@@ -95,6 +95,12 @@ def test_every_recipe_trains_saves_and_reloads(matrix, lab_model_dir, config, re
         assert original["forget_accuracy"] > gold["forget_accuracy"]  # the fine-tune taught the forget split
         assert gold["forget_quality"] == 1.0
         assert unlearned["forget_accuracy"] < original["forget_accuracy"]  # gradient ascent unlearned some of it
+        # What llmreg report and llmreg ablate read: each model's scores, flat, in its own directory.
+        from llmreg.report import run_metrics
+
+        metrics = run_metrics(output)
+        assert metrics["unlearned/forget_quality"]["final"] == unlearned["forget_quality"]
+        assert metrics["gold/forget_accuracy"]["final"] == gold["forget_accuracy"]
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS)
