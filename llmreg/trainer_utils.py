@@ -40,6 +40,48 @@ def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: 
     )
 
 
+# The columns of a tokenized SFT dataset that TRL's collator reads: the tokens, the loss mask under every name TRL has
+# given it (``labels`` with -100 since TRL 1.16; ``completion_mask`` / ``assistant_masks`` before), and packing's
+# document lengths. Everything else (the text columns) is dropped.
+SFT_MODEL_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "seq_lengths")
+LOSS_MASK_COLUMNS = ("labels", "completion_mask", "assistant_masks")
+
+
+def prepare_side_dataset(trainer, dataset, name: str):
+    """Tokenize a second SFT-style dataset of an ``SFTTrainer`` subclass (Booster's harmful data, unlearning's retain
+    and "I don't know" sets) as the trainer tokenizes its training data, keeping what its collator needs to build
+    ``labels``: the loss falls on the answer tokens only, as in training.
+
+    Whether a prompt is left out of the loss is decided per dataset, as SFTTrainer decides it for ``train_dataset``:
+    ``completion_only_loss`` when set, else for prompt-completion rows only. (SFTTrainer's ``_prepare_dataset`` reads
+    the decision it made for ``train_dataset``: a language-modeling training set would put a side set's prompts in
+    its loss.) Raises if the prepared rows carry no loss mask where one is needed, so that a change in TRL's column
+    names fails here instead of silently training on the prompt.
+    """
+    columns = set(dataset.column_names)
+    completion_only = trainer.args.completion_only_loss
+    if completion_only is None:
+        completion_only = {"prompt", "completion"} <= columns
+    decided_for_training = trainer.completion_only_loss  # SFTTrainer's decision for train_dataset (TRL >= 1.0)
+    trainer.completion_only_loss = completion_only
+    try:
+        prepared = trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, packing=False,
+                                            formatting_func=None, dataset_name=name)
+    finally:
+        trainer.completion_only_loss = decided_for_training
+    keep = [c for c in prepared.column_names if c in SFT_MODEL_COLUMNS]
+    needs_mask = completion_only or trainer.args.assistant_only_loss
+    if needs_mask and not any(c in keep for c in LOSS_MASK_COLUMNS):
+        raise RuntimeError(
+            f"The tokenized {name} dataset has no loss-mask column ({', '.join(LOSS_MASK_COLUMNS)}; it has "
+            f"{prepared.column_names}), so its prompts would be trained on. This TRL version names the mask "
+            "differently: add its name to llmreg.trainer_utils.LOSS_MASK_COLUMNS.")
+    if needs_mask and "labels" in keep and all(label != -100 for label in prepared[0]["labels"]):
+        raise RuntimeError(f"The tokenized {name} dataset puts every token of its first row in the loss, prompt "
+                           "included, though only the answers should be: check TRL's completion_only_loss.")
+    return prepared.select_columns(keep)
+
+
 def init_deepspeed_distributed_on_cpu() -> None:
     """Initialize ``deepspeed.comm`` over gloo when DeepSpeed is launched on a machine without an accelerator.
 

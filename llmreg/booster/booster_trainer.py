@@ -38,6 +38,7 @@ from llmreg.trainer_utils import (
     gathered_parameters,
     gradients_added_in_backward,
     is_zero3,
+    prepare_side_dataset,
 )
 
 
@@ -69,11 +70,8 @@ class BoosterTrainer(SFTTrainer):
                              "refusals), in one of SFT's formats.")
         check_dataset_columns(harmful_dataset, SFT_FORMATS, "Booster (harmful_dataset)")
         super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
-        self.harmful_dataset = self._prepare_dataset(harmful_dataset, self.processing_class, args, packing=False,
-                                                     formatting_func=None, dataset_name="harmful")
-        columns = [c for c in self.harmful_dataset.column_names if c in ("input_ids", "completion_mask",
-                                                                         "assistant_masks", "seq_lengths")]
-        self._harmful_rows = self.harmful_dataset.select_columns(columns)
+        # h is the loss on the harmful answers alone, as f is on the refusals: the rows keep their loss mask.
+        self._harmful_rows = prepare_side_dataset(self, harmful_dataset, "harmful")
         try:
             self._harmful_indices = StepIndexedRows(len(self._harmful_rows), args.harmful_batch_size,
                                                     self.accelerator.num_processes, self.accelerator.process_index,

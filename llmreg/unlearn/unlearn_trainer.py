@@ -40,6 +40,7 @@ from llmreg.trainer_utils import (
     StepIndexedRows,
     check_dataset_columns,
     loss_token_mask,
+    prepare_side_dataset,
 )
 from llmreg.unlearn.unlearn_config import (
     IDK_ANSWERS,
@@ -148,12 +149,9 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
                              "(CLEAR trains a fresh LoRA, r=8, alpha=32, on all linear layers), or use ga, gd or idk.")
         if objective == "rmu":
             self._check_rmu_layers(unwrapped)
-        columns = ("input_ids", "labels")
         self._retain_rows = self._idk_rows = None
         if retain_dataset is not None:
-            prepared = self._prepare_dataset(retain_dataset, self.processing_class, args, packing=False,
-                                             formatting_func=None, dataset_name="retain")
-            self._retain_rows = prepared.select_columns(list(columns))
+            self._retain_rows = prepare_side_dataset(self, retain_dataset, "retain")
             try:
                 batch_size = args.retain_batch_size or args.per_device_train_batch_size
                 self._retain_indices = StepIndexedRows(len(self._retain_rows), batch_size,
@@ -168,12 +166,10 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
             conversational = isinstance(idk_source[0]["completion"], list)
             idk = idk_source.select_columns(["prompt"]).add_column(
                 "completion", [[{"role": "assistant", "content": a}] if conversational else a for a in chosen])
-            prepared = self._prepare_dataset(idk, self.processing_class, args, packing=False, formatting_func=None,
-                                             dataset_name="idk")
-            if len(prepared) != len(idk):
+            self._idk_rows = prepare_side_dataset(self, idk, "idk")
+            if len(self._idk_rows) != len(idk):
                 raise ValueError("Preparing the 'I don't know' answers dropped rows, so they no longer line up with "
                                  "forget_dataset.")
-            self._idk_rows = prepared.select_columns(list(columns))
         self._control = None  # RMU's u, drawn at the first step
         self._queue: list[dict] = []  # (side batches, counts) per remaining micro-batch of the step
 
