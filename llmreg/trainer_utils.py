@@ -76,8 +76,9 @@ def prepare_side_dataset(trainer, dataset, name: str):
             f"The tokenized {name} dataset has no loss-mask column ({', '.join(LOSS_MASK_COLUMNS)}; it has "
             f"{prepared.column_names}), so its prompts would be trained on. This TRL version names the mask "
             "differently: add its name to llmreg.trainer_utils.LOSS_MASK_COLUMNS.")
-    if needs_mask and "labels" in keep and all(label != -100 for label in prepared[0]["labels"]):
-        raise RuntimeError(f"The tokenized {name} dataset puts every token of its first row in the loss, prompt "
+    if needs_mask and "labels" in keep and all(-100 not in row for row in prepared.select(
+            range(min(8, len(prepared))))["labels"]):
+        raise RuntimeError(f"The tokenized {name} dataset puts every token of its first rows in the loss, prompts "
                            "included, though only the answers should be: check TRL's completion_only_loss.")
     return prepared.select_columns(keep)
 
