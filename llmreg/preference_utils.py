@@ -39,8 +39,10 @@ class ColumnPassingCollator:
     """Wraps TRL's ``DataCollatorForPreference`` and adds the float columns it would drop, as tensors.
 
     ``columns`` are scalar or fixed-length list columns (e.g. win probabilities, precomputed log-probs). A
-    ``base_completion_ids`` column (responses sampled from the base model, for RSPO's forward KL on samples) becomes a
-    second padded batch: ``base_sample_input_ids`` / ``base_sample_attention_mask`` / ``base_sample_completion_mask``.
+    ``base_completion_ids`` column (responses sampled from the base model, for RSPO's forward KL on samples), with
+    ``base_prompt_ids`` (the prompt as tokenized together with that sample, which can end a token before the pair's
+    ``prompt_ids``), becomes a second padded batch: ``base_sample_input_ids`` / ``base_sample_attention_mask`` /
+    ``base_sample_completion_mask``.
     """
 
     def __init__(self, collator, columns: tuple[str, ...], pad_token_id: int):
@@ -54,8 +56,8 @@ class ColumnPassingCollator:
             if column in examples[0]:
                 batch[column] = torch.tensor([example[column] for example in examples], dtype=torch.float32)
         if "base_completion_ids" in examples[0]:
-            ids = [example["prompt_ids"] + example["base_completion_ids"] for example in examples]
-            masks = [[0] * len(example["prompt_ids"]) + [1] * len(example["base_completion_ids"])
+            ids = [example["base_prompt_ids"] + example["base_completion_ids"] for example in examples]
+            masks = [[0] * len(example["base_prompt_ids"]) + [1] * len(example["base_completion_ids"])
                      for example in examples]
             batch[f"{BASE_SAMPLE_PREFIX}input_ids"] = pad([torch.tensor(i) for i in ids], self.pad_token_id)
             batch[f"{BASE_SAMPLE_PREFIX}attention_mask"] = pad([torch.ones(len(i), dtype=torch.long) for i in ids], 0)
@@ -100,7 +102,8 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        missing = [c for c in (*self.extra_columns, "base_completion_ids") if c not in self._signature_columns]
+        missing = [c for c in (*self.extra_columns, "base_prompt_ids", "base_completion_ids")
+                   if c not in self._signature_columns]
         self._signature_columns = [*self._signature_columns, *missing]
 
     def wrap_collator(self) -> None:

@@ -83,17 +83,26 @@ class RSPOTrainer(PrecomputedColumnsDPOTrainer):
             check_dataset_columns(dataset, {f"RSPO ({args.sppo_variant})": required}, f"RSPO {name}")
 
     def _with_base_sample_ids(self, dataset):
-        """Tokenize `base_completion` exactly as TRL tokenizes `chosen` (chat template, EOS): as a chosen column."""
+        """Tokenize `base_completion` exactly as TRL tokenizes `chosen` (chat template, EOS): as a chosen column.
+
+        The sample keeps the prompt ids of its own tokenization (`base_prompt_ids`): TRL ends the prompt where the
+        tokens of the prompt alone and of prompt + response diverge, which depends on the response (its first
+        characters can merge with the prompt's last token, e.g. a plain prompt ending with a space), so the pair's
+        `prompt_ids` + the sample's ids could drop or repeat a token at the boundary.
+        """
         if isinstance(dataset, dict):
             return {key: self._with_base_sample_ids(split) for key, split in dataset.items()}
-        if "base_completion_ids" in dataset.column_names:
+        columns = ("base_prompt_ids", "base_completion_ids")
+        if set(columns) <= set(dataset.column_names):
             return dataset
+        dataset = dataset.remove_columns([column for column in columns if column in dataset.column_names])
         pairs = dataset.select_columns(["prompt", "base_completion"]).rename_column("base_completion", "chosen")
         pairs = pairs.add_column("rejected", pairs["chosen"])
         tokenized = self._prepare_dataset(pairs, self.processing_class, self.args, "base samples")
         if len(tokenized) != len(dataset):
             raise ValueError("Some base_completion rows were filtered out by max_length; raise max_length or drop "
                              "those rows so that every pair keeps its base-model sample.")
+        dataset = dataset.add_column("base_prompt_ids", list(tokenized["prompt_ids"]))
         return dataset.add_column("base_completion_ids", list(tokenized["chosen_ids"]))
 
     def _compute_loss(self, model, inputs, return_outputs=False):
