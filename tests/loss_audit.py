@@ -132,12 +132,16 @@ class Example:
 
 def check_answer_tokens_carry_the_loss(forwards: list[Forward], examples: list[Example], what: str) -> int:
     """Every sequence of every recorded forward that took part in a backward must be one of ``examples`` token for
-    token, with exactly its answer tokens in the loss. Returns the number of sequences checked."""
+    token, with exactly its answer tokens in the loss, and no padded position may get a gradient. Returns the number
+    of sequences checked."""
     by_ids = {tuple(e.ids): e for e in examples}
     checked = 0
     for forward in forwards:
         if forward.graded is None:  # not differentiated (a reference or teacher forward)
             continue
+        if forward.attention_mask is not None:  # segments() reads attended positions only: a pad's loss is here
+            leaked = forward.graded & ~forward.attention_mask.bool()
+            assert not leaked.any(), f"{what}: {int(leaked.sum())} padded positions got a gradient"
         for tokens, loss in forward.segments():
             example = by_ids.get(tuple(tokens))
             assert example is not None, (f"{what}: a sequence in the batch is none of the hand-tokenised examples "

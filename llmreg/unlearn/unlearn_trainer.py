@@ -322,13 +322,14 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
         elif objective == "npo":
             policy, reference = seq_logps(logits, "forget"), seq_logps(teacher_logits, "forget")
             loss = npo_loss(policy, reference, beta, counts["forget_sequences"])
-            metrics["forget_logratio"] = (policy - reference).mean(), len(policy)
+            metrics["forget_logratio"] = (policy - reference).detach().mean(), len(policy)
         elif objective == "dpo":
             policy_idk, policy_forget = seq_logps(logits, "idk"), seq_logps(logits, "forget")
             ref_idk, ref_forget = seq_logps(teacher_logits, "idk"), seq_logps(teacher_logits, "forget")
             loss = dpo_unlearning_loss(policy_idk, policy_forget, ref_idk, ref_forget, beta,
                                        counts["forget_sequences"])
-            metrics["margin"] = ((policy_idk - policy_forget) - (ref_idk - ref_forget)).mean(), len(policy_idk)
+            margin = (policy_idk - policy_forget) - (ref_idk - ref_forget)
+            metrics["margin"] = margin.detach().mean(), len(policy_idk)
         elif objective == "scrub":
             forget_kl, metrics["forget_kl"] = kl(logits, teacher_logits, "forget", "forget_tokens")
             retain_kl, metrics["retain_kl"] = kl(logits, teacher_logits, "retain", "retain_tokens")
