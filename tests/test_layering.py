@@ -1,4 +1,4 @@
-"""The import rules of ../shared/design.md: losses import torch only; the lab trains with no Trainer."""
+"""The import rules of llmreg's layers: losses import torch only; the lab trains with no Trainer."""
 
 import ast
 from pathlib import Path

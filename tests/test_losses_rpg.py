@@ -2,7 +2,7 @@
 
 Every token x is one row of the batch with ℓ = log_softmax(θ)[x]; weighting row x by π_old(x) and summing turns the
 per-token loss into its exact expectation under the sampling policy, so −∇ of that sum must equal ∇J, with
-J = E_{π_θ}[R] − β·D computed in closed form. Hand values are the spec's (../shared/specs/rpg.md, section b).
+J = E_{π_θ}[R] − β·D computed in closed form. The hand values were derived apart from this code.
 """
 
 import itertools

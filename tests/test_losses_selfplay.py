@@ -12,7 +12,7 @@ into its exact population expectation, which is then compared with:
   policy has an exact minimizer, so LBFGS on the library's loss must land on it);
 - opponent mixtures and sequence log-probs: direct hand computations.
 
-Hand values are the spec's (../shared/specs/selfplay.md, section e), derived there independently of this code.
+The hand values were derived independently of this code.
 """
 
 import math

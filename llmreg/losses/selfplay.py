@@ -1,8 +1,8 @@
 """Self-play preference losses: SPPO, RSPO's reference regularizers, SPIN and α-SPIN with fictitious play.
 
 Everything here works on **sequence-level** log-probs ℓ_M(y) = Σ_k log M(y_k | x, y_<k), the sum (not the mean) over
-completion tokens (``sequence_logps``), as all the reference implementations do. Notation (see docs/rspo.md,
-docs/spin.md and the spec ../shared/specs/selfplay.md):
+completion tokens (``sequence_logps``), as all the reference implementations do. Notation (see docs/rspo.md and
+docs/spin.md):
 
 - π_θ the policy being trained, π_t the frozen iterate it starts from, μ the fixed base model (π_ref);
 - Δ^M(y) = ℓ_θ(y) − ℓ_M(y);
