@@ -96,6 +96,7 @@ def make_parser():
         dataset_name="llmreg/safety-alignment",
         output_dir="outputs/booster",
         max_steps=200,
+        booster_alpha=0.01,  # the paper's 0.1 overshoots on the lab model (docs/booster.md, Lab results)
         per_device_train_batch_size=16,
         learning_rate=1e-4,
         max_length=128,
