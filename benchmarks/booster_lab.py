@@ -153,6 +153,60 @@ def diagnose(model_dir: Path, sft_dir: Path) -> dict:
     return result
 
 
+LINEARIZATION_ALPHAS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3]
+
+
+def linearization(run_dir: Path, lora: bool) -> dict:
+    """At an SFT-aligned model, how far the simulated harmful step stays first-order: for each α, the drop
+    h(w) − h(w − α·g/‖g‖) over its first-order value α‖g‖, g = ∇h(w), on 200 held-out harmful rows (answer tokens).
+    With LoRA, w is the alignment adapter (the parameters Booster moves), at the merged model's tokens. Cached."""
+    path = run_dir / "linearization.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from trl import SFTConfig, SFTTrainer
+
+    from llmreg.lab import safety_harmful_dataset
+
+    merged = aligned_model(run_dir)
+    harmful = safety_harmful_dataset(200, split="test")
+    args = SFTConfig(str(run_dir / "linearize"), use_cpu=True, report_to="none", max_length=128,
+                     per_device_eval_batch_size=200, disable_tqdm=True)
+    trainer = SFTTrainer(str(merged), args=args, train_dataset=harmful, eval_dataset=harmful)
+    batch = next(iter(trainer.get_eval_dataloader()))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    model = trainer.model
+    if lora:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(merged.parent / "adapter"), is_trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(**inputs).loss
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
+    saved = [p.detach().clone() for p in params]
+    ratios = {}
+    with torch.no_grad():
+        for alpha in LINEARIZATION_ALPHAS:
+            for p, w, g in zip(params, saved, grads):
+                p.copy_(w - alpha * g / norm)
+            ratios[f"{alpha:g}"] = (loss.item() - model(**inputs).loss.item()) / (alpha * norm)
+        for p, w in zip(params, saved):
+            p.copy_(w)
+    result = {"harmful_loss": loss.item(), "grad_norm": norm, "ratios": ratios}
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def linearization_table(by_setting: dict[str, list[dict]]) -> str:
+    names = [f"{a:g}" for a in LINEARIZATION_ALPHAS]
+    lines = ["| setting (SFT-aligned model) | ‖∇h‖ | " + " | ".join(f"α = {n}" for n in names) + " |",
+             "|---" * (len(names) + 2) + "|"]
+    for setting, seeds in by_setting.items():
+        ratios = " | ".join(cell([s["ratios"][n] for s in seeds], 2) for n in names)
+        lines.append(f"| {setting} | {cell([s['grad_norm'] for s in seeds], 2)} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
 def cell(values: list[float], digits: int = 1) -> str:
     mean, se = mean_se(values)
     return f"{mean:.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{mean:.{digits}f}"
@@ -275,6 +329,12 @@ def main(argv: list[str] | None = None) -> None:
         text.append(results_table(setting, runs))
     text.append("The first-order check along the alignment (Booster runs):\n\n" + first_order_table(runs_by_setting))
     if "SFT" in args.variants:
+        by_setting = {setting: [linearization(directory(args.output_dir, setting, "SFT", seed),
+                                              lora=setting != "full") for seed in args.seeds]
+                      for setting in args.settings if setting != "lora-alike"}
+        text.append("How first-order the simulated step is at the SFT-aligned model, (h(w) − h(w − α·g/‖g‖)) / "
+                    "(α‖g‖), g = ∇h(w) over the parameters Booster moves (all weights; with LoRA the adapter):\n\n"
+                    + linearization_table(by_setting))
         text.append("The aligned models, before the customer's fine-tune (200 held-out rows each):\n")
         for setting in args.settings:
             if setting == "lora-alike":
