@@ -214,13 +214,17 @@ def cell(values: list[float], digits: int = 1) -> str:
 
 def results_table(setting: str, runs: dict[str, list[dict]]) -> str:
     header = ("| variant | harmful score before the attack (%) | harmful score at p = 0 / 0.1 / 0.2 (%) | "
-              "fine-tune accuracy at p = 0 / 0.1 / 0.2 (%) | per seed: harmful score at p = 0.1 / 0.2 |")
-    lines = [f"**{setting}**", "", header, "|---|---|---|---|---|"]
+              "minus SFT's of the same seed, p = 0.1 / 0.2 | fine-tune accuracy at p = 0 / 0.1 / 0.2 (%) | "
+              "per seed: harmful score at p = 0.1 / 0.2 |")
+    lines = [f"**{setting}**", "", header, "|---|---|---|---|---|---|"]
+    sft = runs.get("SFT")
     for variant, seeds in runs.items():
         harm = " / ".join(cell([r["harmful"][i] for r in seeds]) for i in range(len(RATIOS)))
         accuracy = " / ".join(f"{statistics.fmean(r['accuracy'][i] for r in seeds):.1f}" for i in range(len(RATIOS)))
         per_seed = "; ".join(f"{r['harmful'][1]:.1f} / {r['harmful'][2]:.1f}" for r in seeds)
-        lines.append(f"| {variant} | {cell([r['aligned_harmful'] for r in seeds])} | {harm} | {accuracy} | "
+        paired = "—" if sft is None or variant == "SFT" else " / ".join(
+            cell([r["harmful"][i] - b["harmful"][i] for r, b in zip(seeds, sft)]) for i in (1, 2))
+        lines.append(f"| {variant} | {cell([r['aligned_harmful'] for r in seeds])} | {harm} | {paired} | {accuracy} | "
                      f"{per_seed} |")
     return "\n".join(lines) + "\n"
 
@@ -256,7 +260,7 @@ def diagnostics_table(setting: str, diagnostics: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs_by_setting: dict[str, dict[str, list[dict]]], path: Path) -> None:
+def plot(runs_by_setting: dict[str, dict[str, list[dict]]], linearizations: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,9 +289,21 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], path: Path) -> None:
         ax.set_title(f"{setting}: mean ± s.e. over seeds")
         ax.legend(fontsize=7)
         ax = axes[1][column]
+        if setting == "lora-alike":  # its alignment is the lora setting's: show the step's linearity instead
+            for index, (name, seeds) in enumerate(linearizations.items()):
+                means = [statistics.fmean(s["ratios"][f"{a:g}"] for s in seeds) for a in LINEARIZATION_ALPHAS]
+                ax.plot(LINEARIZATION_ALPHAS, means, marker="o", color=f"C{index}", label=name)
+            ax.axhline(1.0, color="gray", linestyle=":")
+            ax.axhline(0.0, color="black", linewidth=0.8)
+            ax.set_xscale("log")
+            ax.set_xlabel("α")
+            ax.set_ylabel("(h(w) − h(w − α·g/‖g‖)) / (α‖g‖)")
+            ax.set_title("at the SFT-aligned model: how first-order the step is")
+            ax.legend(fontsize=7)
+            continue
         for index, alpha in enumerate(ALPHAS):
             name = booster_name(5.0, alpha)
-            if name not in runs or setting == "lora-alike":
+            if name not in runs:
                 continue
             curves = [first_order_ratios(r["curve"], alpha) for r in runs[name]]
             steps = [s for s, _ in curves[0]]
@@ -297,8 +313,7 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], path: Path) -> None:
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel("alignment step")
         ax.set_ylabel("(h(w) − h(w̃)) / (α‖∇h‖)")
-        ax.set_title(f"{setting}: first-order check, λ = 5" if setting != "lora-alike" else
-                     "lora-alike: alignment as lora")
+        ax.set_title(f"{setting}: first-order check along training, λ = 5")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -328,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     for setting, runs in runs_by_setting.items():
         text.append(results_table(setting, runs))
     text.append("The first-order check along the alignment (Booster runs):\n\n" + first_order_table(runs_by_setting))
+    by_setting = {}
     if "SFT" in args.variants:
         by_setting = {setting: [linearization(directory(args.output_dir, setting, "SFT", seed),
                                               lora=setting != "full") for seed in args.seeds]
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "booster_lab.md").write_text(report)
     (args.output_dir / "booster_lab.json").write_text(json.dumps(runs_by_setting, indent=1))
-    plot(runs_by_setting, args.output_dir / "booster_lab.png")
+    plot(runs_by_setting, by_setting, args.output_dir / "booster_lab.png")
     print(report)
 
 
