@@ -15,6 +15,8 @@ subprocess into ``--output-dir/<setting>/<variant>/seed<s>``; a rerun skips fini
   Vaccine's get a fresh adapter on the merged aligned model. Learning rates scaled for the lab (see LORA below).
 - ``lora-alike``: the same, but every method's customer gets a fresh adapter (``finetune_adapter: fresh``); SFT and
   Vaccine are then the very runs of ``lora`` and are taken from there.
+- ``lora-continue``: the control of the other side: every method's customer continues its alignment adapter
+  (``finetune_adapter: continue``); Booster's runs are those of ``lora``.
 
 Written to ``--output-dir``: ``booster_lab.md`` (the tables of docs/booster.md: harmful score and fine-tune accuracy,
 mean ± standard error over seeds, the first-order check, the aligned models' diagnostics), ``booster_lab.json`` and
@@ -58,7 +60,10 @@ SETTINGS = {
     "full": [],
     "lora": [*LORA, "--finetune_adapter", "paper"],
     "lora-alike": [*LORA, "--finetune_adapter", "fresh"],
+    "lora-continue": [*LORA, "--finetune_adapter", "continue"],
 }
+# Settings whose alignment stage is another setting's (only the customer's adapter differs).
+ALIGNMENT_OF = {"lora-alike": "lora", "lora-continue": "lora"}
 
 
 def booster_name(lam: float, alpha: float) -> str:
@@ -74,7 +79,8 @@ VARIANTS = {
 }
 # Runs that do not depend on the adapter handling: with a fresh adapter for every method, SFT and Vaccine are the
 # runs of the paper's handling.
-SHARED = {("lora-alike", "SFT"): "lora", ("lora-alike", "Vaccine ρ=2"): "lora"}
+SHARED = {("lora-alike", "SFT"): "lora", ("lora-alike", "Vaccine ρ=2"): "lora",
+          **{("lora-continue", booster_name(lam, alpha)): "lora" for lam in LAMBDAS for alpha in ALPHAS}}
 
 
 def directory(output_dir: Path, setting: str, variant: str, seed: int) -> Path:
@@ -233,7 +239,7 @@ def first_order_table(runs_by_setting: dict[str, dict[str, list[dict]]]) -> str:
     lines = [("| setting | variant | gap / (α‖∇h‖) at step 10 | … at the last step | min along training | "
              "final gap h(w) − h(w̃) | final ‖∇h‖ |"), "|---|---|---|---|---|---|---|"]
     for setting, runs in runs_by_setting.items():
-        if setting == "lora-alike":  # the alignment stage is the lora setting's
+        if setting in ALIGNMENT_OF:  # the alignment stage is another setting's
             continue
         for variant, seeds in runs.items():
             if not variant.startswith("Booster"):
@@ -267,7 +273,9 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], linearizations: dict
     import matplotlib.pyplot as plt
 
     settings = list(runs_by_setting)
-    fig, axes = plt.subplots(2, len(settings), figsize=(5 * len(settings), 8), squeeze=False)
+    aligned_here = [setting for setting in settings if setting not in ALIGNMENT_OF]
+    columns = max(len(settings), len(aligned_here) + 1)
+    fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
     for column, setting in enumerate(settings):
         runs = runs_by_setting[setting]
         ax = axes[0][column]
@@ -288,19 +296,8 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], linearizations: dict
         ax.set_ylabel("harmful score after the fine-tune (%)")
         ax.set_title(f"{setting}: mean ± s.e. over seeds")
         ax.legend(fontsize=7)
-        ax = axes[1][column]
-        if setting == "lora-alike":  # its alignment is the lora setting's: show the step's linearity instead
-            for index, (name, seeds) in enumerate(linearizations.items()):
-                means = [statistics.fmean(s["ratios"][f"{a:g}"] for s in seeds) for a in LINEARIZATION_ALPHAS]
-                ax.plot(LINEARIZATION_ALPHAS, means, marker="o", color=f"C{index}", label=name)
-            ax.axhline(1.0, color="gray", linestyle=":")
-            ax.axhline(0.0, color="black", linewidth=0.8)
-            ax.set_xscale("log")
-            ax.set_xlabel("α")
-            ax.set_ylabel("(h(w) − h(w − α·g/‖g‖)) / (α‖g‖)")
-            ax.set_title("at the SFT-aligned model: how first-order the step is")
-            ax.legend(fontsize=7)
-            continue
+    for column, setting in enumerate(aligned_here):  # the first-order check along each alignment
+        runs, ax = runs_by_setting[setting], axes[1][column]
         for index, alpha in enumerate(ALPHAS):
             name = booster_name(5.0, alpha)
             if name not in runs:
@@ -315,6 +312,19 @@ def plot(runs_by_setting: dict[str, dict[str, list[dict]]], linearizations: dict
         ax.set_ylabel("(h(w) − h(w̃)) / (α‖∇h‖)")
         ax.set_title(f"{setting}: first-order check along training, λ = 5")
         ax.legend(fontsize=7)
+    ax = axes[1][len(aligned_here)]  # the step's linearity at the SFT-aligned models
+    for index, (name, seeds) in enumerate(linearizations.items()):
+        means = [statistics.fmean(s["ratios"][f"{a:g}"] for s in seeds) for a in LINEARIZATION_ALPHAS]
+        ax.plot(LINEARIZATION_ALPHAS, means, marker="o", color=f"C{index}", label=name)
+    ax.axhline(1.0, color="gray", linestyle=":")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("α")
+    ax.set_ylabel("(h(w) − h(w − α·g/‖g‖)) / (α‖g‖)")
+    ax.set_title("at the SFT-aligned model: how first-order the step is")
+    ax.legend(fontsize=7)
+    for column in range(len(aligned_here) + 1, columns):
+        axes[1][column].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -347,13 +357,13 @@ def main(argv: list[str] | None = None) -> None:
     if "SFT" in args.variants:
         by_setting = {setting: [linearization(directory(args.output_dir, setting, "SFT", seed),
                                               lora=setting != "full") for seed in args.seeds]
-                      for setting in args.settings if setting != "lora-alike"}
+                      for setting in args.settings if setting not in ALIGNMENT_OF}
         text.append("How first-order the simulated step is at the SFT-aligned model, (h(w) − h(w − α·g/‖g‖)) / "
                     "(α‖g‖), g = ∇h(w) over the parameters Booster moves (all weights; with LoRA the adapter):\n\n"
                     + linearization_table(by_setting))
         text.append("The aligned models, before the customer's fine-tune (200 held-out rows each):\n")
         for setting in args.settings:
-            if setting == "lora-alike":
+            if setting in ALIGNMENT_OF:
                 continue
             sft = {seed: aligned_model(directory(args.output_dir, setting, "SFT", seed)) for seed in args.seeds}
             diagnostics = {variant: [diagnose(aligned_model(directory(args.output_dir, setting, variant, seed)),
