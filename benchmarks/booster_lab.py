@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,10 @@ def directory(output_dir: Path, setting: str, variant: str, seed: int) -> Path:
 
 def run(setting: str, variant: str, seed: int, output_dir: Path) -> Path:
     run_dir = directory(output_dir, setting, variant, seed)
+    source = directory(output_dir, ALIGNMENT_OF.get(setting, setting), variant, seed)
+    if source != run_dir and (source / "results.json").exists() and not (run_dir / "align").exists():
+        # The same alignment, bit for bit (only the customer's adapter differs): the pipeline resumes after it.
+        shutil.copytree(source / "align", run_dir / "align")
     if not (run_dir / "results.json").exists():
         command = [sys.executable, str(REPO / "recipes" / "ftaas.py"), "--output_dir", str(run_dir),
                    "--seed", str(seed), "--harmful_ratios", *map(str, RATIOS), "--logging_steps", "10",
