@@ -40,11 +40,10 @@ def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: 
     )
 
 
-# The columns of a tokenized SFT dataset that TRL's collator reads: the tokens, the loss mask under every name TRL has
+# The columns of a tokenized SFT dataset that TRL's collators read: the tokens, the loss mask under the names TRL has
 # given it (``labels`` with -100 since TRL 1.16; ``completion_mask`` / ``assistant_masks`` before), and packing's
 # document lengths. Everything else (the text columns) is dropped.
 SFT_MODEL_COLUMNS = ("input_ids", "labels", "completion_mask", "assistant_masks", "seq_lengths")
-LOSS_MASK_COLUMNS = ("labels", "completion_mask", "assistant_masks")
 
 
 def prepare_side_dataset(trainer, dataset, name: str):
@@ -55,13 +54,12 @@ def prepare_side_dataset(trainer, dataset, name: str):
     Whether a prompt is left out of the loss is decided per dataset, as SFTTrainer decides it for ``train_dataset``:
     ``completion_only_loss`` when set, else for prompt-completion rows only. (SFTTrainer's ``_prepare_dataset`` reads
     the decision it made for ``train_dataset``: a language-modeling training set would put a side set's prompts in
-    its loss.) Raises if the prepared rows carry no loss mask where one is needed, so that a change in TRL's column
-    names fails here instead of silently training on the prompt.
+    its loss.) Where prompts must be left out, the trainer's own collator is asked: if it puts every token of the
+    first rows in the loss (a TRL that renamed the mask, say), this raises instead of training on the prompts.
     """
-    columns = set(dataset.column_names)
     completion_only = trainer.args.completion_only_loss
     if completion_only is None:
-        completion_only = {"prompt", "completion"} <= columns
+        completion_only = {"prompt", "completion"} <= set(dataset.column_names)
     decided_for_training = trainer.completion_only_loss  # SFTTrainer's decision for train_dataset (TRL >= 1.0)
     trainer.completion_only_loss = completion_only
     try:
@@ -69,18 +67,16 @@ def prepare_side_dataset(trainer, dataset, name: str):
                                             formatting_func=None, dataset_name=name)
     finally:
         trainer.completion_only_loss = decided_for_training
-    keep = [c for c in prepared.column_names if c in SFT_MODEL_COLUMNS]
-    needs_mask = completion_only or trainer.args.assistant_only_loss
-    if needs_mask and not any(c in keep for c in LOSS_MASK_COLUMNS):
-        raise RuntimeError(
-            f"The tokenized {name} dataset has no loss-mask column ({', '.join(LOSS_MASK_COLUMNS)}; it has "
-            f"{prepared.column_names}), so its prompts would be trained on. This TRL version names the mask "
-            "differently: add its name to llmreg.trainer_utils.LOSS_MASK_COLUMNS.")
-    if needs_mask and "labels" in keep and all(-100 not in row for row in prepared.select(
-            range(min(8, len(prepared))))["labels"]):
-        raise RuntimeError(f"The tokenized {name} dataset puts every token of its first rows in the loss, prompts "
-                           "included, though only the answers should be: check TRL's completion_only_loss.")
-    return prepared.select_columns(keep)
+    prepared = prepared.select_columns([c for c in prepared.column_names if c in SFT_MODEL_COLUMNS])
+    if completion_only or trainer.args.assistant_only_loss:
+        # One row per batch: no padding, whose -100 labels would hide a missing mask. Label 0 is never predicted.
+        first_rows = prepared.select(range(min(8, len(prepared))))
+        if not any((trainer.data_collator([row])["labels"][0, 1:] == -100).any() for row in first_rows):
+            raise RuntimeError(
+                f"The tokenized {name} dataset puts every token of its first rows in the loss, prompts included, "
+                f"though only the answers should be (its columns: {prepared.column_names}). This TRL version "
+                "names the loss mask differently: add its name to llmreg.trainer_utils.SFT_MODEL_COLUMNS.")
+    return prepared
 
 
 def init_deepspeed_distributed_on_cpu() -> None:

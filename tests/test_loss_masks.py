@@ -14,6 +14,7 @@ from datasets import Dataset
 from loss_audit import Example, check_answer_tokens_carry_the_loss, watched_forwards
 from peft import LoraConfig
 from transformers import AutoTokenizer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.lab import (
@@ -220,12 +221,14 @@ def test_reweighting_pretraining_text_trains_on_every_token_but_the_first(lab_mo
 # --- the helper's guards ---------------------------------------------------------------------------------------------
 
 class FakeSFTTrainer:
-    """What prepare_side_dataset reads of an SFTTrainer, with a tokenization that returns ``prepared``."""
+    """What prepare_side_dataset reads of an SFTTrainer, with a tokenization that returns ``prepared`` and TRL's
+    collator."""
 
     def __init__(self, prepared: Dataset, **args):
         self.args = SimpleNamespace(**{"completion_only_loss": None, "assistant_only_loss": False, **args})
         self.completion_only_loss = False  # as decided for a language-modeling train_dataset
         self.processing_class = None
+        self.data_collator = DataCollatorForLanguageModeling(pad_token_id=0)
         self.prepared, self.seen = prepared, []
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
@@ -235,7 +238,7 @@ class FakeSFTTrainer:
 
 def test_side_dataset_decides_completion_only_loss_per_dataset_and_refuses_a_missing_mask():
     pairs = Dataset.from_dict({"prompt": ["a"], "completion": ["b"]})
-    good = Dataset.from_dict({"input_ids": [[5, 6, 7]], "labels": [[-100, 6, 7]], "prompt": ["a"]})
+    good = Dataset.from_dict({"input_ids": [[5, 6, 7]], "labels": [[-100, -100, 7]], "prompt": ["a"]})
     trainer = FakeSFTTrainer(good)
     assert prepare_side_dataset(trainer, pairs, "harmful").column_names == ["input_ids", "labels"]
     assert trainer.seen == [True] and trainer.completion_only_loss is False  # restored afterwards
@@ -243,8 +246,9 @@ def test_side_dataset_decides_completion_only_loss_per_dataset_and_refuses_a_mis
     prepare_side_dataset(explicit, pairs, "harmful")
     assert explicit.seen == [False]  # the user's explicit choice wins
 
-    renamed = FakeSFTTrainer(Dataset.from_dict({"input_ids": [[5, 6, 7]], "answer_mask": [[0, 1, 1]]}))
-    with pytest.raises(RuntimeError, match="no loss-mask column"):
+    # A mask under a name the collator does not read: the collator falls back to the input ids.
+    renamed = FakeSFTTrainer(Dataset.from_dict({"input_ids": [[5, 6, 7]], "answer_mask": [[0, 0, 1]]}))
+    with pytest.raises(RuntimeError, match="prompts included"):
         prepare_side_dataset(renamed, pairs, "harmful")
     unmasked = FakeSFTTrainer(Dataset.from_dict({"input_ids": [[5, 6, 7]], "labels": [[5, 6, 7]]}))
     with pytest.raises(RuntimeError, match="prompts included"):
