@@ -50,7 +50,7 @@ LAMBDAS = [1.0, 5.0]
 
 # The paper's adapter, with learning rates for the lab. At the full-fine-tuning rates (1e-4, 5e-5) an adapter scaled
 # by lora_alpha / r = 1/8 moves nothing in 200 + 50 steps (the harmful score stays the base model's 42 %). Alignment
-# at 1e-3 takes SFT's harmful score to 0 %. The customer's rate, SFT seed 0, harmful score at p = 0.1 / 0.2: 1e-3:
+# at 1e-3 takes SFT's harmful score to 0 %. The customer's rate, SFT seed 0, harmful score at p = 0.1 / 0.2: 5e-4:
 # 0 / 0; 2e-3: 0 / 28.5; 3e-3: 12.5 / 79.5; 5e-3: 65 / 100; 2e-2: 98.5 / 97. 3e-3 leaves room both ways. The
 # sentiment accuracy barely moves below 2e-2 (an adapter on q/k/v of a 4-layer model learns the harmful answers'
 # pattern long before the task), so under LoRA the lab measures harm, not the task.
@@ -136,24 +136,34 @@ def aligned_model(run_dir: Path) -> Path:
     return next((run_dir / "align").glob("*/model"))
 
 
-def diagnose(model_dir: Path, sft_dir: Path) -> dict:
-    """h and f on held-out rows, ‖∇h‖ there (every weight), and ‖w − w_SFT‖ of an aligned (merged) model; cached."""
-    path = model_dir.parent / "diagnostics.json"
-    if path.exists():
-        return json.loads(path.read_text())
+def heldout_trainer(model_dir: Path, output_dir: Path):
+    """An SFTTrainer of the model whose eval datasets are 200 held-out harmful rows (h) and alignment rows (f), each
+    one batch, tokenized as training tokenizes them (the loss on the answers)."""
     from trl import SFTConfig, SFTTrainer
 
     from llmreg.lab import safety_alignment_dataset, safety_harmful_dataset
 
     harmful, alignment = safety_harmful_dataset(200, split="test"), safety_alignment_dataset(200, split="test")
-    args = SFTConfig(str(model_dir.parent / "diagnose"), use_cpu=True, report_to="none", max_length=128,
+    args = SFTConfig(str(output_dir), use_cpu=True, report_to="none", max_length=128,
                      per_device_eval_batch_size=200, disable_tqdm=True)
-    trainer = SFTTrainer(str(model_dir), args=args, train_dataset=harmful,
-                         eval_dataset={"harmful": harmful, "alignment": alignment})
-    losses = trainer.evaluate()
+    return SFTTrainer(str(model_dir), args=args, train_dataset=harmful,
+                      eval_dataset={"harmful": harmful, "alignment": alignment})
+
+
+def harmful_inputs(trainer) -> dict:
     batch = next(iter(trainer.get_eval_dataloader(trainer.eval_dataset["harmful"])))
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def diagnose(model_dir: Path, sft_dir: Path) -> dict:
+    """h and f on held-out rows, ‖∇h‖ there (every weight), and ‖w − w_SFT‖ of an aligned (merged) model; cached."""
+    path = model_dir.parent / "diagnostics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    trainer = heldout_trainer(model_dir, model_dir.parent / "diagnose")
+    losses = trainer.evaluate()
     model = trainer.model
-    loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    loss = model(**harmful_inputs(trainer)).loss
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     weights, sft = load_file(model_dir / "model.safetensors"), load_file(sft_dir / "model.safetensors")
     result = {"harmful_loss": losses["eval_harmful_loss"], "alignment_loss": losses["eval_alignment_loss"],
@@ -174,17 +184,9 @@ def linearization(run_dir: Path, lora: bool) -> dict:
     path = run_dir / "linearization.json"
     if path.exists():
         return json.loads(path.read_text())
-    from trl import SFTConfig, SFTTrainer
-
-    from llmreg.lab import safety_harmful_dataset
-
     merged = aligned_model(run_dir)
-    harmful = safety_harmful_dataset(200, split="test")
-    args = SFTConfig(str(run_dir / "linearize"), use_cpu=True, report_to="none", max_length=128,
-                     per_device_eval_batch_size=200, disable_tqdm=True)
-    trainer = SFTTrainer(str(merged), args=args, train_dataset=harmful, eval_dataset=harmful)
-    batch = next(iter(trainer.get_eval_dataloader()))
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    trainer = heldout_trainer(merged, run_dir / "linearize")
+    inputs = harmful_inputs(trainer)
     model = trainer.model
     if lora:
         from peft import AutoPeftModelForCausalLM
