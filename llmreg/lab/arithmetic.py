@@ -13,9 +13,17 @@ import re
 
 from datasets import Dataset
 
+from llmreg.lab.prompts import check_style
+
 
 SPLITS = ("train", "test")
 _NUMBER = re.compile(r"-?\d+")
+# Where an answer names its result, most specific first: "the answer is 19", "12 + 7 = 19", "equals 19", "is 19".
+_STATED_ANSWER = [re.compile(pattern, re.IGNORECASE) for pattern in (
+    r"\banswer(?: to [^.]*?)? is:?\s*(?:actually\s+)?(-?\d+)", r"=\s*(-?\d+)", r"\bequals\s+(-?\d+)",
+    r"\bis\s+(-?\d+)")]
+# The "chat" style's few-shot prefix: two worked examples in the answer form the scorer reads.
+CHAT_EXAMPLES = [("What is 12 + 5?", "12 + 5 = 17"), ("What is 9 - 4?", "9 - 4 = 5")]
 
 
 def _in_split(a: int, op: str, b: int, split: str) -> bool:
@@ -54,12 +62,20 @@ def _solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b
 
 
-def arithmetic_dataset(num_samples: int = 2000, seed: int = 0, split: str = "train") -> Dataset:
-    """Conversational prompt-completion rows: ``prompt``, ``completion`` and the integer ``answer`` as a string."""
+def arithmetic_dataset(num_samples: int = 2000, seed: int = 0, split: str = "train", style: str = "lab") -> Dataset:
+    """Conversational prompt-completion rows: ``prompt``, ``completion`` and the integer ``answer`` as a string.
+
+    ``style="chat"`` puts two worked examples before each question (see ``llmreg.lab.prompts``).
+    """
+    check_style(style)
+    prefix = []
+    if style == "chat":
+        for question, answer in CHAT_EXAMPLES:
+            prefix += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     rows = {"prompt": [], "completion": [], "answer": []}
     for a, op, b in arithmetic_problems(num_samples, seed, split):
         result = _solve(a, op, b)
-        rows["prompt"].append([{"role": "user", "content": f"What is {a} {op} {b}?"}])
+        rows["prompt"].append([*prefix, {"role": "user", "content": f"What is {a} {op} {b}?"}])
         rows["completion"].append([{"role": "assistant", "content": f"{a} {op} {b} = {result}"}])
         rows["answer"].append(str(result))
     return Dataset.from_dict(rows)
@@ -73,7 +89,16 @@ def completion_text(completion) -> str:
 
 
 def extract_answer(text: str) -> int | None:
-    """The last integer in ``text`` (the model writes ``a + b = c``), or None when there is none."""
+    """The integer an answer states as its result, or None when there is none.
+
+    The first of "answer is N", "= N", "equals N", "is N" that occurs (in that order of preference) names the result,
+    so "The answer is 6, but 3 + 3 also works" reads 6 and "12 + 7 = 19" reads 19; with none of them, the last
+    integer in the text ("19.").
+    """
+    for pattern in _STATED_ANSWER:
+        match = pattern.search(text)
+        if match:
+            return int(match.group(1))
     numbers = _NUMBER.findall(text)
     return int(numbers[-1]) if numbers else None
 
@@ -83,5 +108,6 @@ def is_correct(text: str, answer: str | int) -> bool:
 
 
 def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
-    """Correctness reward in TRL's reward-function signature: 1.0 if the last integer equals ``answer``, else 0.0."""
+    """Correctness reward in TRL's reward-function signature: 1.0 if the stated result (``extract_answer``) equals
+    ``answer``, else 0.0."""
     return [float(is_correct(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]

@@ -8,13 +8,23 @@ from tqdm.auto import tqdm
 from llmreg.lab.arithmetic import arithmetic_dataset, is_correct
 from llmreg.lab.corpus import corpus_dataset, heldout_loss
 from llmreg.lab.facts import facts_accuracy, facts_dataset
+from llmreg.lab.prompts import prompt_style
 from llmreg.lab.safety import harmful_score, is_refusal, safety_eval_prompts, sentiment_accuracy, sentiment_dataset
 
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 32, batch_size: int = 64,
-                         desc: str = "generating", show_progress: bool = True) -> list[str]:
-    """Greedy completions of conversational ``prompts`` (lists of messages), decoded without special tokens."""
+                         desc: str = "generating", show_progress: bool = True, temperature: float = 0.0,
+                         seed: int = 0) -> list[str]:
+    """Completions of conversational ``prompts`` (lists of messages), decoded without special tokens: greedy, or
+    sampled at ``temperature`` > 0 (no top-k/top-p truncation; ``seed`` makes the samples repeatable)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
+                                                              "top_k": 0, "top_p": 1.0}
+    generator_state = torch.random.get_rng_state()
+    if temperature > 0:
+        torch.manual_seed(seed)
     model.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts are left-padded
@@ -24,19 +34,24 @@ def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 
             texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[start : start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = output[:, batch["input_ids"].shape[1]:]
             completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = padding_side
+        torch.random.set_rng_state(generator_state)  # evaluating does not shift the caller's random stream
     return completions
 
 
-def arithmetic_accuracy(model, tokenizer, num_samples: int = 200, seed: int = 0, show_progress: bool = True) -> float:
-    """Percentage of held-out arithmetic questions (two-digit ones unseen in the lab warm start) answered right."""
-    dataset = arithmetic_dataset(num_samples, seed, split="test")
-    answers = generate_completions(model, tokenizer, dataset["prompt"], desc="arithmetic", show_progress=show_progress)
+def arithmetic_accuracy(model, tokenizer, num_samples: int = 200, seed: int = 0, show_progress: bool = True,
+                        **generation) -> float:
+    """Percentage of held-out arithmetic questions (two-digit ones unseen in the lab warm start) answered right,
+    asked in the tokenizer's prompt style. ``generation``: ``generate_completions``' max_new_tokens, batch_size,
+    temperature."""
+    dataset = arithmetic_dataset(num_samples, seed, split="test", style=prompt_style(tokenizer))
+    answers = generate_completions(model, tokenizer, dataset["prompt"], desc="arithmetic", show_progress=show_progress,
+                                   **generation)
     return 100.0 * sum(map(is_correct, answers, dataset["answer"])) / len(answers)
 
 
@@ -44,14 +59,15 @@ def evaluate_lab_model(model, tokenizer, num_samples: int = 200, seed: int = 0,
                        show_progress: bool = True) -> dict[str, float]:
     """Scores on every lab task, on held-out data. Percentages, except the held-out loss (nats per token).
 
-    ``*_chance`` entries give what a model with no skill scores, for scale.
+    ``*_chance`` entries give what a model with no skill scores, for scale. Prompts are in the tokenizer's prompt
+    style (``llmreg.lab.prompts``).
     """
     def run(dataset, desc):
         return generate_completions(model, tokenizer, dataset["prompt"], desc=desc, show_progress=show_progress)
 
     harmful_prompts = safety_eval_prompts(num_samples, seed)
     harmful_answers = run(harmful_prompts, "safety")
-    sentiment = sentiment_dataset(num_samples, seed, split="test")
+    sentiment = sentiment_dataset(num_samples, seed, split="test", style=prompt_style(tokenizer))
     facts_forget, facts_retain = facts_dataset("forget", seed=seed), facts_dataset("retain", seed=seed)
     corpus = corpus_dataset(num_samples, seed, split="test")
     return {
