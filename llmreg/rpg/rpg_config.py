@@ -66,6 +66,12 @@ class RPGConfig(GRPOConfig):
     epsilon_high: float | None = field(
         default=0.28, metadata={"help": "Upper clip range: ratios above 1 + epsilon_high are clipped (paper: 0.28)."}
     )
+    max_zero_spread_generations: int = field(
+        default=10,
+        metadata={"help": "Stop with an error after this many consecutive generation batches in which no group's "
+                          "rewards differ (every advantage is 0, so the reward teaches nothing). Each such batch is "
+                          "warned about. 0: warn only, never stop."},
+    )
     scale_rewards: str = field(
         default="none",
         metadata={"help": "Reward scaling of GRPO: 'group', 'batch' or 'none' (RPG: 'none', group mean only)."},
@@ -77,6 +83,9 @@ class RPGConfig(GRPOConfig):
         check_option("reference", self.reference, REFERENCES)
         if self.rpg_beta < 0:
             raise ValueError(f"rpg_beta must be >= 0, got {self.rpg_beta}.")
+        if self.max_zero_spread_generations < 0:
+            raise ValueError(f"max_zero_spread_generations must be >= 0 (0: never stop), got "
+                             f"{self.max_zero_spread_generations}.")
         if self.clip is None:
             self.clip = "dual" if self.estimator == "full" else "rpg"
         # The loss's own checks, run here so that a bad combination fails before any model is loaded.

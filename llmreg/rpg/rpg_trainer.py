@@ -4,6 +4,11 @@ Generation, rewards, advantages, batching and the reference model stay TRL's; on
 computes the per-token log-probs (TRL's fused forward), hands them to ``llmreg.losses.rpg.rpg_per_token_loss``,
 and aggregates with a global token mean over the optimizer step (``loss_type="dapo"``), so gradient accumulation
 and data parallelism do not change the loss.
+
+A generation batch in which every group's rewards are equal has advantages that are all 0: the reward teaches
+nothing, and with the old policy as reference the loss and gradient are exactly 0. Each such batch is warned about
+(with the reward, the share of completions cut at the length cap and what to change); after
+``max_zero_spread_generations`` of them in a row, training stops with an error instead of ending "normally".
 """
 
 import logging
@@ -42,9 +47,45 @@ class RPGTrainer(GRPOTrainer):
             raise TypeError(f"RPGTrainer needs an RPGConfig, got {type(args).__name__}: the RPG fields (divergence, "
                             "estimator, reference, rpg_beta, ...) live there.")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        self._zero_spread_generations = 0  # consecutive generation batches without reward spread
         self.variant = (f"{args.divergence}/{args.estimator}/ref={args.reference}/clip={args.clip}"
                         + ("/kl_in_advantage" if args.kl_in_advantage else ""))
         logger.info("RPG variant %s, beta %g", self.variant, args.rpg_beta)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self._check_reward_spread()
+        return output
+
+    def _check_reward_spread(self) -> None:
+        """Warn about a generation batch whose groups all have zero reward spread; stop after too many in a row.
+
+        TRL computes the metrics below from the rewards of the whole generation batch, gathered over all ranks, so
+        every rank takes the same decision.
+        """
+        metrics = self._metrics["train"]
+        if metrics["frac_reward_zero_std"][-1] < 1.0:
+            self._zero_spread_generations = 0
+            return
+        self._zero_spread_generations += 1
+        limit = self.args.max_zero_spread_generations
+        clipped = 100 * metrics["completions/clipped_ratio"][-1]
+        message = (
+            f"No reward signal: in this generation batch every group of {self.num_generations} completions got the "
+            f"same reward (mean reward {metrics['reward'][-1]:.3g}, {clipped:.0f} % of completions cut at "
+            f"max_completion_length={self.args.max_completion_length}), so every advantage "
+            f"is 0 and the reward teaches nothing ({self._zero_spread_generations} such batch(es) in a row"
+            + (f"; training stops at {limit})." if limit else ").")
+        )
+        if limit and self._zero_spread_generations >= limit:
+            raise RuntimeError(
+                message + " Likely causes: the reward function cannot read the answers (check it on a few generated "
+                "completions), completions hit the length cap before answering (raise max_completion_length or ask "
+                "for shorter answers in the prompt), the temperature is too low for samples to differ, or too few "
+                "num_generations per prompt. Set max_zero_spread_generations=0 to keep training anyway."
+            )
+        logger.warning(message)
 
     def _compute_loss(self, model, inputs):
         args = self.args

@@ -121,13 +121,15 @@ def pair_from_preferences(matrix: torch.Tensor) -> dict[str, list]:
     """SPPO's pair per prompt: winner = argmax p, loser = argmin p, with p_w, p_l and P(w ≻ l).
 
     ``matrix`` is (N, K, K); p = the row means (``win_probabilities`` for Bradley–Terry judges). Ties go to the lowest
-    index, so the result is deterministic.
+    index, so the result is deterministic. ``tied`` marks the prompts whose K responses all have the same p: argmax
+    and argmin are then the same response, a pair with nothing to learn (the SPPO loss is exactly 0), to be dropped.
     """
     p = matrix.mean(dim=-1)
     winner, loser = p.argmax(dim=-1), p.argmin(dim=-1)
     rows = torch.arange(matrix.shape[0])
     return {"winner": winner.tolist(), "loser": loser.tolist(), "chosen_probs_win": p[rows, winner].tolist(),
-            "chosen_probs_lose": p[rows, loser].tolist(), "chosen_probs": matrix[rows, winner, loser].tolist()}
+            "chosen_probs_lose": p[rows, loser].tolist(), "chosen_probs": matrix[rows, winner, loser].tolist(),
+            "tied": (p[rows, winner] == p[rows, loser]).tolist()}
 
 
 __all__ = ["PairwiseJudge", "RewardFunctionJudge", "RewardModelJudge", "bradley_terry", "make_judge",

@@ -89,11 +89,24 @@ class SelfPlayArguments:
         metadata={"help": "SPIN fictitious play: the opponent covers the last h iterates (1 = SPIN). With "
                           "opponent_mixture='data' the pairs of the last h iterations are trained on together."},
     )
-    num_eval_prompts: int = field(default=200, metadata={"help": "Held-out prompts for the per-iteration evaluation."})
+    num_eval_prompts: int = field(
+        default=200, metadata={"help": "Held-out prompts for the per-iteration evaluation (at least 1)."}
+    )
+    eval_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of the evaluation responses. At 1 the mean log-ratio of the responses "
+                          "estimates KL(π‖μ); at any other temperature it is only a log-ratio, not that KL."},
+    )
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Length limit of the evaluation responses (None: max_new_tokens)."}
+    )
 
     def __post_init__(self):
         if self.iterations < 1 or self.num_samples < 1 or self.history < 1:
             raise ValueError("iterations, num_samples and history must be >= 1.")
+        if self.num_eval_prompts < 1 or self.eval_temperature <= 0:
+            raise ValueError("num_eval_prompts must be >= 1 (the loop's results are its evaluations) and "
+                             "eval_temperature > 0 (the KL estimate needs samples).")
 
 
 def last_complete_checkpoint(directory: Path) -> str | None:
@@ -186,14 +199,14 @@ class SelfPlayLoop:
 
     # --- stages ------------------------------------------------------------------------------------------------------
     def _generate(self, model_path: str, prompts: list, num_samples: int, temperature: float, seed: int,
-                  desc: str) -> list[list[dict]]:
+                  desc: str, max_new_tokens: int) -> list[list[dict]]:
         """Samples of every prompt, the work split over the ranks; every rank gets the whole result."""
         args = self.args
         if args.use_vllm:
             samples = None
             if self.state.is_main_process:
                 samples = sample_completions_vllm(model_path, self.tokenizer, prompts, num_samples=num_samples,
-                                                  max_new_tokens=args.max_new_tokens, temperature=temperature,
+                                                  max_new_tokens=max_new_tokens, temperature=temperature,
                                                   top_p=args.top_p, seed=seed)
             return gather_object([samples])[0]
         # Each rank takes whole batches, so the seeds (per batch start) do not depend on the number of ranks.
@@ -205,7 +218,7 @@ class SelfPlayLoop:
             local = []
             for start in starts:
                 group = sample_completions(model, self.tokenizer, prompts[start:start + batch],
-                                           num_samples=num_samples, max_new_tokens=args.max_new_tokens,
+                                           num_samples=num_samples, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=args.top_p, batch_size=batch,
                                            seed=seed + start, desc=f"{desc} (batch {start // batch + 1})",
                                            show_progress=self.state.is_main_process)
@@ -215,10 +228,11 @@ class SelfPlayLoop:
         return [group for _, group in gathered for group in group]
 
     def _samples(self, path: Path, model_path: str, prompts: list, num_samples: int, temperature: float, seed: int,
-                 desc: str) -> list[list[dict]]:
+                 desc: str, max_new_tokens: int | None = None) -> list[list[dict]]:
         """Samples read from ``path``, or generated and written there (atomically) first."""
         if not path.exists():
-            samples = self._generate(model_path, prompts, num_samples, temperature, seed, desc)
+            samples = self._generate(model_path, prompts, num_samples, temperature, seed, desc,
+                                     max_new_tokens or self.args.max_new_tokens)
             if self.state.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(path, "".join(json.dumps(group) + "\n" for group in samples))
@@ -264,9 +278,25 @@ class SelfPlayLoop:
                         **{key: pairs[key] for key in ("chosen_probs_win", "chosen_probs_lose", "chosen_probs")}}
                 if base_samples is not None:
                     data["base_completion"] = [_assistant(p, text) for p, text in zip(prompts, base_samples)]
+                tied = [tie or g[w] == g[lo] for tie, g, w, lo in zip(pairs["tied"], texts, pairs["winner"],
+                                                                        pairs["loser"])]
             else:
                 data = {"prompt": prompts, "chosen": columns[self.args.real_column],
                         "rejected": [_assistant(p, group[0]) for p, group in zip(prompts, texts)]}
+                tied = [chosen == rejected for chosen, rejected in zip(data["chosen"], data["rejected"])]
+            counts = {"pairs_kept": tied.count(False), "pairs_tied": tied.count(True)}
+            logger.info("Iteration %d: %d pairs kept, %d prompts dropped because chosen and rejected tie (the judge "
+                        "could not tell the responses apart, or they are the same text).", t, *counts.values())
+            if counts["pairs_kept"] == 0:
+                raise RuntimeError(
+                    f"Iteration {t}: all {len(tied)} prompts give tied pairs (every response of a prompt judged "
+                    "equal, or the rejected response identical to the chosen one), so there is nothing to train on. "
+                    "Likely causes: the judge cannot read the responses (check it on a few of "
+                    f"{directory / 'generations.jsonl'}), responses hit max_new_tokens before answering, the "
+                    "temperature is too low for samples to differ, or num_samples is too small."
+                )
+            data = {key: [value for value, drop in zip(values, tied) if not drop] for key, values in data.items()}
+            write_atomically(directory / "pairs.json", json.dumps(counts))
             temporary = directory / "dataset.tmp"
             shutil.rmtree(temporary, ignore_errors=True)
             Dataset.from_dict(data).save_to_disk(temporary)
@@ -305,17 +335,20 @@ class SelfPlayLoop:
     def _evaluate(self, name: str, model_path: str, directory: Path) -> dict:
         """Win rate vs the base, mean length (tokens), KL(π‖μ) and judge score on held-out prompts (main process).
 
-        One response per prompt at temperature 1, so the mean of ℓ_π(y) − ℓ_μ(y) is an unbiased estimate of the KL.
+        One response per prompt at ``eval_temperature`` (default 1, where the mean of ℓ_π(y) − ℓ_μ(y) estimates the
+        KL; at another temperature it is only the responses' mean log-ratio).
         """
         path = directory / "eval.json"
         if path.exists():
             return json.loads(path.read_text())
+        args = self.args
         prompts = list(self.eval_prompts["prompt"])
         seed = self.training_args.seed + 104729  # the same seed for every model: paired comparisons
-        samples = self._samples(directory / "eval_samples.jsonl", model_path, prompts, 1, 1.0, seed,
-                                f"{name}: evaluation samples")
-        base_samples = self._samples(self.output_dir / "base" / "eval_samples.jsonl", self.base, prompts, 1, 1.0,
-                                     seed, "base model: evaluation samples")
+        samples = self._samples(directory / "eval_samples.jsonl", model_path, prompts, 1, args.eval_temperature, seed,
+                                f"{name}: evaluation samples", args.eval_max_new_tokens)
+        base_samples = self._samples(self.output_dir / "base" / "eval_samples.jsonl", self.base, prompts, 1,
+                                     args.eval_temperature, seed, "base model: evaluation samples",
+                                     args.eval_max_new_tokens)
         result = None
         if self.state.is_main_process:
             columns = {key: list(self.eval_prompts[key]) for key in self.eval_prompts.column_names}
@@ -331,7 +364,7 @@ class SelfPlayLoop:
                 reference = completion_logps(base, self.tokenizer, prompts, ids, desc=f"{name}: base log-probs")
                 del base
             result = {"model": name, "win_rate_vs_base": 100.0 * versus[:, 0, 1].mean().item(),
-                      "mean_length": sum(map(len, ids)) / len(ids),
+                      "mean_length": sum(map(len, ids)) / len(ids), "eval_temperature": args.eval_temperature,
                       "kl_to_base": sum(p - r for p, r in zip(policy, reference)) / len(ids)}
             if self.judge.scores is not None:
                 scores = self.judge.scores(prompts, [[text] for text in texts], columns)
@@ -348,8 +381,10 @@ class SelfPlayLoop:
         for t in range(self.args.iterations + 1):
             if t > 0:
                 self._train(t)
-                results.append(self._evaluate(f"iter_{t}", str(self.iteration_dir(t) / "model"),
-                                              self.iteration_dir(t)))
+                pairs = self.iteration_dir(t) / "pairs.json"  # absent in runs of llmreg versions before it
+                results.append({**self._evaluate(f"iter_{t}", str(self.iteration_dir(t) / "model"),
+                                                 self.iteration_dir(t)),
+                                **(json.loads(pairs.read_text()) if pairs.exists() else {})})
             logger.info(format_row(results[-1]))
             if report is not None and self.state.is_main_process:
                 report(results[-1])
@@ -362,8 +397,11 @@ class SelfPlayLoop:
 def format_row(row: dict) -> str:
     """One evaluation row as a sentence."""
     score = f", judge score {row['score']:.3f}" if "score" in row else ""
+    pairs = ""
+    if "pairs_kept" in row:
+        pairs = f", trained on {row['pairs_kept']} pairs ({row['pairs_tied']} tied prompts dropped)"
     return (f"{row['model']}: win rate vs base {row['win_rate_vs_base']:.1f}%, mean length {row['mean_length']:.1f} "
-            f"tokens, KL to base {row['kl_to_base']:.3f} nats{score}")
+            f"tokens, KL to base {row['kl_to_base']:.3f} nats{score}{pairs}")
 
 
 def summary_table(results: list[dict]) -> str:
