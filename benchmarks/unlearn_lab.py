@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> str:
     base = args.output_dir / "base"
     script_args, training_args, model_args = parse_recipe_args(recipe.make_parser(),
                                                                ["--output_dir", str(base), *extra])
-    sets = recipe.load_question_sets(script_args)
+    sets = recipe.load_question_sets(script_args, model_args.model_name_or_path)
     original, gold = recipe.prepare_models(script_args, training_args, model_args, sets)
     reference_file = base / "reference_rows.json"
     if not reference_file.is_file():
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> str:
                     _, training_args, model_args = parse_recipe_args(recipe.make_parser(), [
                         "--output_dir", str(run_dir), "--objective", objective, "--l1_lambda", str(lam),
                         "--seed", str(seed), *extra])
-                    row = recipe.unlearn(original, sets, training_args, model_args, gold_ratios)
+                    row = recipe.unlearn(original, sets, training_args, model_args, gold_ratios, sets)
                     row_file.write_text(json.dumps(row, indent=1))
                 row = json.loads(row_file.read_text())
                 row["b_near_zero"] = b_near_zero(run_dir / "unlearned" / "adapter_model.safetensors")

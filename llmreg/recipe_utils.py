@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset, load_from_disk
 from huggingface_hub import constants
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_quantization_config
 
 from llmreg.lab import LAB_DATASETS, LAB_MODEL_ID, load_lab_dataset, resolve_model_name_or_path
+from llmreg.lab.prompts import prompt_style_of
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
 
@@ -77,6 +79,43 @@ class RecipeParser(TrlParser):
         return tuple(parsed)
 
 
+@dataclass
+class LabEvalArguments:
+    """The size and decoding of a recipe's before/after evaluation on the lab's held-out prompts."""
+
+    num_eval_prompts: int = field(
+        default=200, metadata={"help": "Held-out prompts scored before and after training (0: no evaluation)."}
+    )
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Length limit of the evaluation answers."})
+    eval_temperature: float = field(
+        default=0.0, metadata={"help": "Sampling temperature of the evaluation (0: greedy)."}
+    )
+    eval_generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call."})
+
+    def __post_init__(self):
+        if self.num_eval_prompts < 0 or self.eval_max_new_tokens < 1 or self.eval_generation_batch_size < 1:
+            raise ValueError("num_eval_prompts must be >= 0 (0: no evaluation), eval_max_new_tokens and "
+                             "eval_generation_batch_size >= 1.")
+        if self.eval_temperature < 0:
+            raise ValueError(f"eval_temperature must be >= 0 (0: greedy), got {self.eval_temperature}.")
+
+    def generation(self) -> dict:
+        """``llmreg.lab.generate_completions`` keyword arguments."""
+        return {"max_new_tokens": self.eval_max_new_tokens, "temperature": self.eval_temperature,
+                "batch_size": self.eval_generation_batch_size}
+
+
+def load_for_evaluation(path: str):
+    """(model, tokenizer) of a saved model directory, or of a PEFT adapter directory on its base model."""
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
 def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, **defaults) -> RecipeParser:
     """A ``RecipeParser`` over ``dataclass_types`` with llmreg's defaults, overridable by YAML and command line.
 
@@ -113,12 +152,16 @@ def parse_recipe_args(parser: RecipeParser, args: list[str] | None = None) -> tu
     return parsed
 
 
-def load_recipe_dataset(script_args, split: str) -> Dataset:
+def load_recipe_dataset(script_args, split: str, *, model_name_or_path: str) -> Dataset:
     """Split ``split`` of ``script_args.dataset_name``: a lab dataset, a directory written by ``save_to_disk``, or
-    anything ``datasets.load_dataset`` takes (a hub id, a local data directory)."""
+    anything ``datasets.load_dataset`` takes (a hub id, a local data directory).
+
+    A lab dataset's prompts are phrased for the model that will train on them (``llmreg.lab.prompts``): as
+    ``llmreg/tiny`` learned them for a model with the lab tokenizer, asking for the scorer's answer form otherwise.
+    """
     name = script_args.dataset_name
     if name in LAB_DATASETS:
-        return load_lab_dataset(name, split=split)
+        return load_lab_dataset(name, split=split, style=prompt_style_of(model_name_or_path))
     if name.startswith("llmreg/"):
         raise ValueError(f"Unknown lab dataset {name!r}; valid lab datasets: {', '.join(LAB_DATASETS)}.")
     path = Path(name).expanduser()

@@ -1,15 +1,22 @@
 """What llmreg's trainers and recipes need alike: dataset column checks, DeepSpeed-on-CPU initialization, option
-checks for trainers that replace a TRL loss, and importing functions named on the command line."""
+checks for trainers that replace a TRL loss or need a chat template TRL can mask, and importing functions named on
+the command line."""
 
 import contextlib
 import importlib
+import logging
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import deepspeed as hf_deepspeed
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+
+logger = logging.getLogger(__name__)
 
 
 # The dataset formats TRL's SFTTrainer takes (the SFT recipe and BoosterTrainer check them).
@@ -38,6 +45,62 @@ def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: 
         f"one of these formats: {expected}. Rename or map your columns (datasets.Dataset.rename_column or .map) "
         "to one of them."
     )
+
+
+def check_assistant_only_loss(tokenizer: PreTrainedTokenizerBase | str, args) -> None:
+    """With ``args.assistant_only_loss`` (an ``SFTConfig``), raise a ValueError before training if the chat template
+    TRL would train with cannot mark the assistant's tokens; otherwise do nothing.
+
+    TRL masks the assistant turns with the tokenizer's ``return_assistant_tokens_mask``, which needs
+    ``{% generation %}`` markers (``{%- generation %}`` too) in the template. A template without them is still fine
+    when TRL ships a training version of it (Qwen2.5, Llama 3, ...): SFTTrainer swaps that in itself. Otherwise TRL
+    fails only after the model has loaded, with an error that does not say what to do; this check says it first.
+
+    ``tokenizer`` is the tokenizer, or a model name or path to load it from as SFTTrainer does; it is loaded only when
+    ``assistant_only_loss`` is set. ``args.chat_template_path``, when set, is the template TRL trains with instead.
+    """
+    if not args.assistant_only_loss:
+        return
+    if isinstance(tokenizer, str):
+        revision = (args.model_init_kwargs or {}).get("revision")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, revision=revision,
+                                                  trust_remote_code=args.trust_remote_code)
+    template, source = tokenizer.chat_template, f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
+    path = args.chat_template_path
+    if path is not None:  # SFTTrainer replaces the template with this one: a Jinja file, or a tokenizer's template
+        source = f"the chat template of --chat_template_path {path}"
+        if path.endswith((".jinja", ".j2")) and Path(path).is_file():
+            template = Path(path).read_text()
+        else:
+            template = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code).chat_template
+    if template is not None and has_generation_markers(template):
+        return
+    if template is not None and _trl_has_training_version(tokenizer, template):
+        logger.info("%s has no {%% generation %%} markers; SFTTrainer swaps in TRL's training version of it for "
+                    "--assistant_only_loss.", source[0].upper() + source[1:])
+        return
+    problem = ("is missing" if template is None else
+               "has no {% generation %} ... {% endgeneration %} markers (and TRL has no training version of it)")
+    raise ValueError(
+        "--assistant_only_loss true needs a chat template that marks the assistant's turns with "
+        f"{{% generation %}} ... {{% endgeneration %}}, so that TRL can tell which tokens to train on, but {source} "
+        f"{problem}. Fixes: use a prompt-completion dataset (`prompt` and `completion` columns) instead, and TRL "
+        "leaves the prompt out of the loss itself (completion_only_loss); or pass a chat template with "
+        "{% generation %} markers with --chat_template_path (a .jinja file, or a tokenizer whose template has them); "
+        "or drop --assistant_only_loss to train on every token.")
+
+
+def _trl_has_training_version(tokenizer: PreTrainedTokenizerBase, template) -> bool:
+    """Whether SFTTrainer would swap TRL's training version in for ``template`` (set on ``tokenizer``)."""
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = template  # as SFTTrainer sets --chat_template_path's; put back below
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:  # TRL's answer for a template it has no training version of
+        return False
+    finally:
+        tokenizer.chat_template = saved
+    return True
 
 
 # The columns of a tokenized SFT dataset that TRL's collators read: the tokens, the loss mask under the names TRL has

@@ -19,13 +19,19 @@ The paper's setting (Llama-2-7B with LoRA; see the comments in the config):
 import logging
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.lab import generate_completions, harmful_score, is_refusal, safety_eval_prompts
 from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import (
+    LabEvalArguments,
+    load_for_evaluation,
+    load_recipe_dataset,
+    make_recipe_parser,
+    model_init_kwargs,
+    parse_recipe_args,
+)
 from llmreg.trainer_utils import without_zero3
 
 
@@ -41,22 +47,24 @@ class BoosterScriptArguments(ScriptArguments):
     )
 
 
-def lab_safety(model_path: str) -> dict[str, float]:
-    """Harmful score and refusal rate (%) on the lab's held-out harmful prompts, greedy, on this process alone."""
+def lab_safety(model_path: str, eval_args: LabEvalArguments) -> dict[str, float]:
+    """Harmful score and refusal rate (%) of a saved model or adapter on the lab's held-out harmful prompts, on this
+    process alone."""
     with without_zero3():
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-        answers = generate_completions(model, AutoTokenizer.from_pretrained(model_path),
-                                       safety_eval_prompts()["prompt"], desc="safety evaluation")
+        model, tokenizer = load_for_evaluation(model_path)
+        answers = generate_completions(model, tokenizer, safety_eval_prompts(eval_args.num_eval_prompts)["prompt"],
+                                       desc="safety evaluation", **eval_args.generation())
     return {"harmful_score": harmful_score(answers),
             "refusal_rate": 100.0 * sum(map(is_refusal, answers)) / len(answers)}
 
 
-def main(script_args: BoosterScriptArguments, dropout: LoRADropoutConfig, training_args: BoosterConfig,
-         model_args: ModelConfig) -> None:
+def main(script_args: BoosterScriptArguments, eval_args: LabEvalArguments, dropout: LoRADropoutConfig,
+         training_args: BoosterConfig, model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
+    model = model_args.model_name_or_path
+    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
     harmful_args = ScriptArguments(dataset_name=script_args.harmful_dataset_name)
-    harmful_dataset = load_recipe_dataset(harmful_args, script_args.dataset_train_split)
+    harmful_dataset = load_recipe_dataset(harmful_args, script_args.dataset_train_split, model_name_or_path=model)
     trainer = with_lora_dropout(BoosterTrainer)(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -65,9 +73,13 @@ def main(script_args: BoosterScriptArguments, dropout: LoRADropoutConfig, traini
         peft_config=get_peft_config(model_args),
         lora_dropout=dropout,
     )
-    on_lab = script_args.dataset_name.startswith("llmreg/") and not model_args.use_peft
+    # The held-out harmful prompts are the lab's, so they score a model aligned on lab data.
+    on_lab = script_args.dataset_name.startswith("llmreg/") and eval_args.num_eval_prompts > 0
     accelerator = trainer.accelerator
-    before = lab_safety(model_args.model_name_or_path) if on_lab and accelerator.is_main_process else None
+    if not on_lab and accelerator.is_main_process:
+        logger.warning("No held-out safety evaluation: %s.", "--num_eval_prompts 0" if eval_args.num_eval_prompts == 0
+                       else f"it scores the lab's harmful prompts, and the dataset is {script_args.dataset_name}")
+    before = lab_safety(model, eval_args) if on_lab and accelerator.is_main_process else None
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)
@@ -80,7 +92,7 @@ def main(script_args: BoosterScriptArguments, dropout: LoRADropoutConfig, traini
         summary = {"booster_lambda": training_args.booster_lambda, "booster_alpha": training_args.booster_alpha,
                    "vaccine_rho": training_args.vaccine_rho, "final_harmful_gap": gaps[-1] if gaps else None}
         if on_lab:
-            after = lab_safety(training_args.output_dir)
+            after = lab_safety(training_args.output_dir, eval_args)
             summary.update({f"{key}_before": value for key, value in before.items()})
             summary.update({f"{key}_after": value for key, value in after.items()})
         trainer.save_metrics("booster", summary)
@@ -92,7 +104,7 @@ def main(script_args: BoosterScriptArguments, dropout: LoRADropoutConfig, traini
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/booster_lab.yaml spells out.
     return make_recipe_parser(
-        (BoosterScriptArguments, LoRADropoutConfig, BoosterConfig, ModelConfig),
+        (BoosterScriptArguments, LabEvalArguments, LoRADropoutConfig, BoosterConfig, ModelConfig),
         dataset_name="llmreg/safety-alignment",
         output_dir="outputs/booster",
         max_steps=200,

@@ -21,6 +21,7 @@ from trl import ModelConfig, ScriptArguments, get_peft_config
 from llmreg.booster import BoosterConfig
 from llmreg.ftaas import FTaaSArguments, FTaaSPipeline, results_table
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.trainer_utils import check_assistant_only_loss
 
 
 @dataclass
@@ -47,22 +48,24 @@ class FTaaSScriptArguments(ScriptArguments):
     )
 
 
-def dataset(name: str, split: str, limit: int | None = None):
-    data = load_recipe_dataset(ScriptArguments(dataset_name=name), split)
+def dataset(name: str, split: str, model: str, limit: int | None = None):
+    data = load_recipe_dataset(ScriptArguments(dataset_name=name), split, model_name_or_path=model)
     return data if limit is None else data.select(range(min(limit, len(data))))
 
 
 def main(script_args: FTaaSScriptArguments, ftaas_args: FTaaSArguments, training_args: BoosterConfig,
          model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    split, limit = script_args.dataset_eval_split, script_args.num_eval_samples
+    check_assistant_only_loss(model_args.model_name_or_path, training_args)  # the alignment stage's SFT loss
+    split, limit, model = script_args.dataset_eval_split, script_args.num_eval_samples, model_args.model_name_or_path
     pipeline = FTaaSPipeline(
-        ftaas_args, training_args, model_args.model_name_or_path,
-        alignment_dataset=load_recipe_dataset(script_args, script_args.dataset_train_split),
-        harmful_dataset=dataset(script_args.harmful_dataset_name, script_args.dataset_train_split),
-        task_dataset=dataset(script_args.task_dataset_name, script_args.dataset_train_split),
-        task_eval_dataset=dataset(script_args.task_dataset_name, split, limit),
-        harmful_eval_prompts=dataset(script_args.harmful_eval_dataset_name, split, limit).select_columns(["prompt"]),
+        ftaas_args, training_args, model,
+        alignment_dataset=load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model),
+        harmful_dataset=dataset(script_args.harmful_dataset_name, script_args.dataset_train_split, model),
+        task_dataset=dataset(script_args.task_dataset_name, script_args.dataset_train_split, model),
+        task_eval_dataset=dataset(script_args.task_dataset_name, split, model, limit),
+        harmful_eval_prompts=dataset(script_args.harmful_eval_dataset_name, split, model,
+                                     limit).select_columns(["prompt"]),
         peft_config=get_peft_config(model_args),
     )
     rows = pipeline.run()

@@ -20,7 +20,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_co
 from llmreg.lab import expected_calibration_error
 from llmreg.lora_dropout import LoRADropoutConfig, choice_probabilities, with_lora_dropout
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
-from llmreg.trainer_utils import reset_accelerator_state, write_atomically
+from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
 
 
 @dataclass
@@ -47,12 +47,25 @@ def evaluate(trainer, dataset, choices: list[str], num_samples: int) -> dict[str
             "ece": expected_calibration_error(confidence, correct)}
 
 
+def check_arguments(model_args: ModelConfig) -> None:
+    """Refuse what would fail only after the first arm has trained."""
+    # The plain-LoRA arm (p = 0) attaches no mask and would train a whole model; the LoRA Dropout arm then has no
+    # adapter to mask.
+    if not model_args.use_peft:
+        raise ValueError("--use_peft false: the LoRA Dropout recipe trains a LoRA adapter in both arms, and LoRA "
+                         "Dropout masks the input and output dimensions of that adapter's matrices, so without one "
+                         "there is nothing to drop. Remove --use_peft false (the recipe turns --use_peft on).")
+
+
 def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, training_args: SFTConfig,
          model_args: ModelConfig) -> None:
+    check_arguments(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    train = load_recipe_dataset(script_args, script_args.dataset_train_split)
+    check_assistant_only_loss(model_args.model_name_or_path, training_args)
+    model = model_args.model_name_or_path
+    train = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
     train = train.select(range(script_args.num_train_samples))
-    heldout = load_recipe_dataset(script_args, script_args.dataset_test_split)
+    heldout = load_recipe_dataset(script_args, script_args.dataset_test_split, model_name_or_path=model)
     heldout = heldout.select(range(min(script_args.num_eval_samples, len(heldout))))
     base_dir, rows = Path(training_args.output_dir), []
     for name, p in (("LoRA", 0.0), (f"LoRA Dropout (p = {dropout.lora_dropout_p:g})", dropout.lora_dropout_p)):

@@ -7,11 +7,13 @@
     accelerate launch recipes/reweight.py --from_scratch false --use_peft --lora_dropout_p 0.1 --l1_lambda 1e-4
 
 The lab is pretraining-style: the lab model's architecture and tokenizer, initialized from the seed
-(``--from_scratch``), trained on the lab corpus (informative, near-duplicate and noisy text) and evaluated on fresh
-informative text every ``eval_steps``. Each strategy of ``--strategies`` gets one run (``--reweight_strategy`` is
-replaced by each in turn; without ``--strategies`` the recipe runs ``--reweight_strategy`` alone). Results, under
-``output_dir``: ``reweight_results.{md,json}`` (final held-out loss, and the steps each strategy took to reach
-uniform's final held-out loss) and ``reweight_curves.png``. recipes/configs/reweight.yaml holds the paper's settings.
+(``--from_scratch``: unset, it is on for the lab model ``llmreg/tiny`` only; any other ``--model_name_or_path`` keeps
+its weights unless ``--from_scratch true``), trained on the lab corpus (informative, near-duplicate and noisy text)
+and evaluated on fresh informative text every ``eval_steps``. Each strategy of ``--strategies`` gets one run
+(``--reweight_strategy`` is replaced by each in turn; without ``--strategies`` the recipe runs ``--reweight_strategy``
+alone). Results, under ``output_dir``: ``reweight_results.{md,json}`` (final held-out loss, and the steps each
+strategy took to reach uniform's final held-out loss) and ``reweight_curves.png``. recipes/configs/reweight.yaml
+holds the paper's settings.
 With ``--use_peft`` a LoRA adapter trains, and LoRA Dropout (``--lora_dropout_p``) and the ℓ1 penalty
 (``--l1_lambda``) compose with the reweighting (docs/lora_dropout.md, "Composing with other regularizers").
 """
@@ -28,11 +30,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.l1_penalty import with_l1_penalty
+from llmreg.lab import LAB_MODEL_ID, is_lab_model, read_lab_info
 from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.losses.reweighting import STRATEGIES
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.reweight import ReweightConfig, ReweightTrainer
-from llmreg.trainer_utils import reset_accelerator_state, write_atomically
+from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
 
 
 logger = logging.getLogger(__name__)
@@ -45,14 +48,38 @@ class ReweightScriptArguments(ScriptArguments):
         metadata={"help": f"Strategies to compare, one run each ({', '.join(STRATEGIES)}); they replace "
                           "--reweight_strategy. None: one run with --reweight_strategy."},
     )
-    from_scratch: bool = field(
-        default=False, metadata={"help": "Initialize the model from its config and the seed (pretraining) instead "
-                                         "of loading its weights."}
+    from_scratch: bool | None = field(
+        default=None,
+        metadata={"help": "Initialize the model from its config and the seed (pretraining) instead of loading its "
+                          f"weights. None: from scratch for the lab model {LAB_MODEL_ID} only (the lab's pretraining "
+                          "setup), false for any other model, whose weights are kept; true / false force it."},
     )
     num_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     num_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N held-out rows."})
     l1_lambda: float = field(default=0.0, metadata={"help": "λ1 of the ℓ1 penalty on the trainable parameters "
                                                             "(0: off)."})
+
+
+def resolve_from_scratch(from_scratch: bool | None, model_name_or_path: str) -> bool:
+    """``--from_scratch`` as given, or when unset: true for the lab model llmreg/tiny only. ``model_name_or_path`` is
+    resolved: the lab model is its cached directory, recognized by its lab_info.json."""
+    # Only llmreg/tiny: the other lab models (SmolLM2 conversions) have a lab_info.json too, and real weights to keep.
+    is_tiny = is_lab_model(model_name_or_path) and read_lab_info(model_name_or_path).get("model_id") == LAB_MODEL_ID
+    if from_scratch is None:
+        if is_tiny:
+            logger.info("--from_scratch unset: the lab model %s trains from a seeded random initialization (the lab's "
+                        "pretraining setup); pass --from_scratch false to start from its weights.", LAB_MODEL_ID)
+        else:
+            logger.info("--from_scratch unset: %s is not the lab model %s, so its weights are loaded; pass "
+                        "--from_scratch true to pretrain its architecture from a random initialization.",
+                        model_name_or_path, LAB_MODEL_ID)
+        return is_tiny
+    if from_scratch and not is_tiny:
+        logger.warning("--from_scratch true: %s's architecture trains from a seeded random initialization; its "
+                       "weights are not loaded.", model_name_or_path)
+    else:
+        logger.info("--from_scratch %s, as given.", str(from_scratch).lower())
+    return from_scratch
 
 
 def held_out_curve(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -97,8 +124,11 @@ def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, train
     if unknown:
         raise ValueError(f"Unknown strategies {unknown}; valid strategies: {', '.join(STRATEGIES)}.")
     init_kwargs = model_init_kwargs(model_args, training_args)
-    train = load_recipe_dataset(script_args, script_args.dataset_train_split)
-    heldout = load_recipe_dataset(script_args, script_args.dataset_test_split)
+    check_assistant_only_loss(model_args.model_name_or_path, training_args)
+    from_scratch = resolve_from_scratch(script_args.from_scratch, model_args.model_name_or_path)
+    model = model_args.model_name_or_path
+    train = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
+    heldout = load_recipe_dataset(script_args, script_args.dataset_test_split, model_name_or_path=model)
     if script_args.num_train_samples:
         train = train.select(range(min(script_args.num_train_samples, len(train))))
     if script_args.num_eval_samples:
@@ -106,10 +136,10 @@ def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, train
     base_dir, curves = Path(training_args.output_dir), {}
     for strategy in strategies:
         args = replace(training_args, output_dir=str(base_dir / strategy), reweight_strategy=strategy,
-                       model_init_kwargs=None if script_args.from_scratch else init_kwargs)
+                       model_init_kwargs=None if from_scratch else init_kwargs)
         reset_accelerator_state()
         model = model_args.model_name_or_path
-        if script_args.from_scratch:
+        if from_scratch:
             config = AutoConfig.from_pretrained(model, trust_remote_code=training_args.trust_remote_code)
             # from_config draws the weights from the global generator: seed it, so every strategy starts the same.
             torch.manual_seed(args.seed)
@@ -148,7 +178,6 @@ def make_parser():
         dataset_name="llmreg/corpus",
         output_dir="outputs/reweight",
         strategies=["uniform", "linupper", "quadratic", "extremes"],
-        from_scratch=True,
         num_eval_samples=200,
         reweight_r=1.0,
         max_steps=300,

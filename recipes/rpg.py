@@ -18,12 +18,18 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.lab import arithmetic_accuracy
 from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import (
+    LabEvalArguments,
+    load_for_evaluation,
+    load_recipe_dataset,
+    make_recipe_parser,
+    model_init_kwargs,
+    parse_recipe_args,
+)
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.trainer_utils import check_dataset_columns, import_object, without_zero3
 
@@ -39,16 +45,18 @@ class RPGScriptArguments(ScriptArguments):
     )
 
 
-def lab_accuracy(model_path: str) -> float:
+def lab_accuracy(model_path: str, eval_args: LabEvalArguments) -> float:
+    """Held-out arithmetic accuracy (%) of a saved model or adapter, on this process alone."""
     with without_zero3():  # a whole copy, on the main process alone, also under ZeRO-3
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-        return arithmetic_accuracy(model, AutoTokenizer.from_pretrained(model_path))
+        model, tokenizer = load_for_evaluation(model_path)
+        return arithmetic_accuracy(model, tokenizer, eval_args.num_eval_prompts, **eval_args.generation())
 
 
-def main(script_args: RPGScriptArguments, dropout: LoRADropoutConfig, training_args: RPGConfig,
-         model_args: ModelConfig) -> None:
+def main(script_args: RPGScriptArguments, eval_args: LabEvalArguments, dropout: LoRADropoutConfig,
+         training_args: RPGConfig, model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
+    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split,
+                                        model_name_or_path=model_args.model_name_or_path)
     check_dataset_columns(train_dataset, {"prompt-only": ("prompt",)}, "RPG")
     reward_funcs = [import_object(path) for path in script_args.reward_funcs]
     trainer = with_lora_dropout(RPGTrainer)(
@@ -59,10 +67,16 @@ def main(script_args: RPGScriptArguments, dropout: LoRADropoutConfig, training_a
         peft_config=get_peft_config(model_args),
         lora_dropout=dropout,
     )
-    # Held-out accuracy is measured from the saved weights on the main process, so it works under any launcher.
-    on_lab_task = script_args.dataset_name == "llmreg/arithmetic" and not model_args.use_peft
+    # Held-out accuracy is measured from the saved weights (a whole model or the adapter) on the main process, so it
+    # works under any launcher.
+    on_lab_task = script_args.dataset_name == "llmreg/arithmetic" and eval_args.num_eval_prompts > 0
     accelerator = trainer.accelerator
-    before = lab_accuracy(model_args.model_name_or_path) if on_lab_task and accelerator.is_main_process else None
+    if not on_lab_task and accelerator.is_main_process:
+        logger.warning("No held-out evaluation: %s.", "--num_eval_prompts 0" if eval_args.num_eval_prompts == 0 else
+                       f"it scores the lab arithmetic task, and the dataset is {script_args.dataset_name}")
+    before = None
+    if on_lab_task and accelerator.is_main_process:
+        before = lab_accuracy(model_args.model_name_or_path, eval_args)
 
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)
@@ -76,7 +90,7 @@ def main(script_args: RPGScriptArguments, dropout: LoRADropoutConfig, training_a
         summary = {"variant": trainer.variant, "mean_kl_to_reference": statistics.fmean(kls) if kls else None}
         if on_lab_task:
             summary.update(arithmetic_accuracy_before=before, arithmetic_accuracy_after=lab_accuracy(
-                training_args.output_dir))
+                training_args.output_dir, eval_args))
         trainer.save_metrics("rpg", summary)
         accelerator.print("RPG summary: " + ", ".join(f"{key} {value}" for key, value in summary.items()))
     accelerator.wait_for_everyone()
@@ -86,7 +100,7 @@ def main(script_args: RPGScriptArguments, dropout: LoRADropoutConfig, training_a
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/rpg_lab.yaml spells out.
     return make_recipe_parser(
-        (RPGScriptArguments, LoRADropoutConfig, RPGConfig, ModelConfig),
+        (RPGScriptArguments, LabEvalArguments, LoRADropoutConfig, RPGConfig, ModelConfig),
         dataset_name="llmreg/arithmetic",
         output_dir="outputs/rpg",
         max_steps=800,

@@ -15,16 +15,18 @@ Any model and dataset TRL's SFTTrainer accepts work too (LoRA with ``--use_peft`
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
-from llmreg.trainer_utils import SFT_FORMATS, check_dataset_columns
+from llmreg.trainer_utils import SFT_FORMATS, check_assistant_only_loss, check_dataset_columns
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split)
+    check_assistant_only_loss(model_args.model_name_or_path, training_args)
+    model = model_args.model_name_or_path
+    train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
     check_dataset_columns(train_dataset, SFT_FORMATS, "SFT")
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = load_recipe_dataset(script_args, script_args.dataset_test_split)
+        eval_dataset = load_recipe_dataset(script_args, script_args.dataset_test_split, model_name_or_path=model)
         check_dataset_columns(eval_dataset, SFT_FORMATS, "SFT")
 
     trainer = SFTTrainer(

@@ -27,8 +27,9 @@ from llmreg.spin import SPINConfig
 def main(script_args: ScriptArguments, loop_args: SelfPlayArguments, training_args: SPINConfig,
          model_args: ModelConfig) -> None:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    prompts = load_recipe_dataset(script_args, script_args.dataset_train_split)
-    eval_prompts = load_recipe_dataset(script_args, script_args.dataset_test_split)
+    model = model_args.model_name_or_path
+    prompts = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
+    eval_prompts = load_recipe_dataset(script_args, script_args.dataset_test_split, model_name_or_path=model)
     results = run_selfplay("spin", loop_args, training_args, model_args.model_name_or_path, prompts, eval_prompts,
                            peft_config=get_peft_config(model_args), report=lambda row: print(format_row(row)))
     if training_args.process_index == 0:

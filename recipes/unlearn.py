@@ -31,7 +31,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
-from llmreg.trainer_utils import reset_accelerator_state, save_trained_model, without_zero3, write_atomically
+from llmreg.trainer_utils import (
+    check_assistant_only_loss,
+    reset_accelerator_state,
+    save_trained_model,
+    without_zero3,
+    write_atomically,
+)
 from llmreg.unlearn import UnlearnConfig, UnlearnTrainer
 from llmreg.unlearn.evaluation import evaluate_unlearning
 from llmreg.unlearn.metrics import forget_quality
@@ -62,6 +68,10 @@ class UnlearnScriptArguments(ScriptArguments):
     finetune_epochs: float = field(
         default=15.0, metadata={"help": "Epochs of the full fine-tunes that make the original and gold models; 0 = "
                                         "model_name_or_path already knows the forget set."}
+    )
+    num_eval_questions: int | None = field(
+        default=None,
+        metadata={"help": "Questions of each set (forget, retain, world) scored per model; the first N. None: all."},
     )
     finetune_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of those fine-tunes."})
     finetune_batch_size: int = field(default=16, metadata={"help": "Per-device batch size of those fine-tunes."})
@@ -137,13 +147,13 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_question_sets(script_args: UnlearnScriptArguments) -> dict:
-    """The forget, retain and (when named) world question sets."""
-    sets = {"forget": load_recipe_dataset(script_args, script_args.dataset_forget_split),
-            "retain": load_recipe_dataset(script_args, script_args.dataset_retain_split)}
+def load_question_sets(script_args: UnlearnScriptArguments, model: str) -> dict:
+    """The forget, retain and (when named) world question sets, phrased for ``model`` (lab datasets)."""
+    sets = {"forget": load_recipe_dataset(script_args, script_args.dataset_forget_split, model_name_or_path=model),
+            "retain": load_recipe_dataset(script_args, script_args.dataset_retain_split, model_name_or_path=model)}
     if script_args.world_dataset_name and script_args.world_dataset_name.lower() != "none":
         sets["world"] = load_recipe_dataset(ScriptArguments(dataset_name=script_args.world_dataset_name),
-                                            script_args.world_dataset_split)
+                                            script_args.world_dataset_split, model_name_or_path=model)
     return sets
 
 
@@ -185,7 +195,7 @@ def reference_rows(original: str, gold: str | None, sets: dict) -> tuple[list[di
 
 
 def unlearn(original: str, sets: dict, training_args: UnlearnConfig, model_args: ModelConfig,
-            gold_ratios) -> dict | None:
+            gold_ratios, eval_sets: dict) -> dict | None:
     """Unlearn the forget split from ``original`` into ``output_dir/unlearned`` and score it (main process)."""
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     objective = training_args.objective
@@ -197,7 +207,7 @@ def unlearn(original: str, sets: dict, training_args: UnlearnConfig, model_args:
     unlearned = Path(training_args.output_dir) / "unlearned"
     save_trained_model(trainer, unlearned)  # the adapter, or the whole model without LoRA
     trainer.end()  # the other processes are done: the scoring is the main process's alone
-    row = evaluate(unlearned, sets, gold_ratios)
+    row = evaluate(unlearned, eval_sets, gold_ratios)
     if row is None:
         return None
     name = objective + (f" + ℓ1 (λ1 = {training_args.l1_lambda:g})" if training_args.l1_lambda else "")
@@ -205,10 +215,15 @@ def unlearn(original: str, sets: dict, training_args: UnlearnConfig, model_args:
 
 
 def main(script_args: UnlearnScriptArguments, training_args: UnlearnConfig, model_args: ModelConfig) -> list[dict]:
-    sets = load_question_sets(script_args)
+    # Before the fine-tunes: the unlearning stage trains on their models, which keep this model's tokenizer.
+    check_assistant_only_loss(model_args.model_name_or_path, training_args)
+    sets = load_question_sets(script_args, model_args.model_name_or_path)
     original, gold = prepare_models(script_args, training_args, model_args, sets)
-    rows, gold_ratios = reference_rows(original, gold, sets)
-    row = unlearn(original, sets, training_args, model_args, gold_ratios)
+    limit = script_args.num_eval_questions
+    eval_sets = {name: rows.select(range(min(limit, len(rows)))) if limit is not None else rows
+                 for name, rows in sets.items()}
+    rows, gold_ratios = reference_rows(original, gold, eval_sets)
+    row = unlearn(original, sets, training_args, model_args, gold_ratios, eval_sets)
     if row is not None:
         rows.append(row)
         output_dir = Path(training_args.output_dir)

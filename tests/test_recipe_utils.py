@@ -115,7 +115,7 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
         sft.make_parser(), ["--model_name_or_path", tiny_model_dir, "--dataset_name", "llmreg/arithmetik"]
     )
     with pytest.raises(ValueError, match="llmreg/arithmetic"):
-        load_recipe_dataset(script_args, "train")
+        load_recipe_dataset(script_args, "train", model_name_or_path=tiny_model_dir)
 
 
 @pytest.mark.parametrize(("recipe", "config"), [
