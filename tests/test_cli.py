@@ -166,3 +166,14 @@ def test_an_unknown_accelerate_config_lists_the_shipped_ones():
     assert accelerate_config_path("zero3").name == "deepspeed_zero3.yaml"
     with pytest.raises(ValueError, match="zero3_offload.*single_process|single_process.*zero3_offload"):
         accelerate_config_path("zero4")
+
+
+def test_lab_info_lists_the_real_lab_models_built_or_how_to_build_them(lab_model_dir, capsys):
+    from llmreg.lab.model import LAB_MODEL_DIRS, is_lab_model
+
+    assert main(["lab", "info"]) == 0
+    printed = capsys.readouterr().out
+    for model_id in ("llmreg/smollm2-135m", "llmreg/smollm2-135m-2layers"):
+        path = LAB_MODEL_DIRS[model_id]()
+        expected = f"  path        {path}" if is_lab_model(path) else f"`llmreg lab build --model {model_id}`"
+        assert f"\n{model_id}  (" in printed and expected in printed
