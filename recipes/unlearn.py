@@ -30,6 +30,7 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
+from llmreg.lab.prompts import prompt_style_of
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
 from llmreg.trainer_utils import (
     check_assistant_only_loss,
@@ -56,9 +57,10 @@ class UnlearnScriptArguments(ScriptArguments):
     dataset_forget_split: str = field(default="forget", metadata={"help": "The split to unlearn."})
     dataset_retain_split: str = field(default="retain", metadata={"help": "The split to keep."})
     world_dataset_name: str | None = field(
-        default="llmreg/facts",
-        metadata={"help": "Questions the model knew before (lab: the lab model's own facts), kept in the fine-tunes "
-                          "and scored for model utility; 'none' to skip."},
+        default="auto",
+        metadata={"help": "Questions the model knew before, kept in the fine-tunes and scored for model utility; "
+                          "'none' to skip. 'auto': the lab model's own facts (llmreg/facts) for a model with the lab "
+                          "tokenizer, real-world facts (llmreg/world-facts: capitals) for any other model."},
     )
     world_dataset_split: str = field(default="all", metadata={"help": "The split of world_dataset_name."})
     gold_model: str | None = field(
@@ -151,9 +153,14 @@ def load_question_sets(script_args: UnlearnScriptArguments, model: str) -> dict:
     """The forget, retain and (when named) world question sets, phrased for ``model`` (lab datasets)."""
     sets = {"forget": load_recipe_dataset(script_args, script_args.dataset_forget_split, model_name_or_path=model),
             "retain": load_recipe_dataset(script_args, script_args.dataset_retain_split, model_name_or_path=model)}
-    if script_args.world_dataset_name and script_args.world_dataset_name.lower() != "none":
-        sets["world"] = load_recipe_dataset(ScriptArguments(dataset_name=script_args.world_dataset_name),
-                                            script_args.world_dataset_split, model_name_or_path=model)
+    world = script_args.world_dataset_name
+    if world == "auto":
+        # The lab's invented entities are facts only llmreg/tiny learned: a real model's utility needs real facts.
+        world = "llmreg/facts" if prompt_style_of(model) == "lab" else "llmreg/world-facts"
+        logger.info("World facts (model utility): %s.", world)
+    if world and world.lower() != "none":
+        sets["world"] = load_recipe_dataset(ScriptArguments(dataset_name=world), script_args.world_dataset_split,
+                                            model_name_or_path=model)
     return sets
 
 

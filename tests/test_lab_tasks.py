@@ -28,7 +28,7 @@ from llmreg.lab.datasets import LAB_DATASETS
 
 @pytest.mark.parametrize("name", list(LAB_DATASETS))
 def test_every_lab_dataset_is_deterministic_by_seed(name):
-    split = "all" if name in ("llmreg/facts", "llmreg/new-facts") else "train"
+    split = "all" if name in ("llmreg/facts", "llmreg/new-facts", "llmreg/world-facts") else "train"
     first, again = load_lab_dataset(name, split, seed=0), load_lab_dataset(name, split, seed=0)
     other = load_lab_dataset(name, split, seed=1)
     assert first.to_list() == again.to_list()
@@ -160,3 +160,18 @@ def test_new_facts_are_about_entities_the_lab_model_never_saw():
     for seed in (0, 1, 2):
         known, new = set(facts_dataset("all", seed=seed)["entity"]), set(new_facts_dataset("all", seed=seed)["entity"])
         assert len(new) == 50 and not known & new
+
+
+def test_world_facts_are_real_facts_in_the_facts_columns():
+    from llmreg.lab.facts import WORLD_CAPITALS, world_facts_dataset
+
+    world, facts = world_facts_dataset(), facts_dataset("all")
+    assert set(world.column_names) == set(facts.column_names)
+    assert sorted(world["entity"]) == sorted(WORLD_CAPITALS) and world["value"][world["entity"].index("France")] \
+        == "Paris"
+    for answer, paraphrase, perturbed, value in zip(world["answer"], world["paraphrased_answer"],
+                                                    world["perturbed_answers"], world["value"]):
+        assert fact_is_correct(answer, value) and fact_is_correct(paraphrase, value)
+        assert len(perturbed) == 3 and not any(fact_is_correct(wrong, value) for wrong in perturbed)
+    with pytest.raises(ValueError, match="only split is 'all'"):
+        world_facts_dataset("forget")

@@ -181,3 +181,14 @@ def test_unlearn_recipe_on_a_real_checkpoint(adapter, real_model_dir, tmp_path):
         assert any(not original[name].equal(after[name]) for name in original)
     rows = json.loads((tmp_path / "unlearn_results.json").read_text())["rows"]
     assert rows[0]["model"] == "original" and len(rows) == 3
+
+
+def test_unlearning_scores_model_utility_on_facts_the_model_can_know(real_model_dir, lab_model_dir):
+    from llmreg.recipe_utils import parse_recipe_args
+
+    recipe = importlib.import_module("llmreg.recipes.unlearn")
+    script_args, *_ = parse_recipe_args(recipe.make_parser(), [])
+    real = recipe.load_question_sets(script_args, str(real_model_dir))["world"]
+    tiny = recipe.load_question_sets(script_args, str(lab_model_dir))["world"]
+    assert "France" in real["entity"]                       # llmreg/world-facts: real capitals
+    assert set(tiny["entity"]).isdisjoint(real["entity"])    # llmreg/facts: the lab model's invented entities

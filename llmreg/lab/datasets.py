@@ -4,12 +4,13 @@ from datasets import Dataset
 
 from llmreg.lab.arithmetic import arithmetic_dataset
 from llmreg.lab.corpus import corpus_dataset
-from llmreg.lab.facts import facts_dataset, new_facts_dataset
+from llmreg.lab.facts import facts_dataset, new_facts_dataset, world_facts_dataset
 from llmreg.lab.prompts import check_style
 from llmreg.lab.safety import safety_alignment_dataset, safety_harmful_dataset, sentiment_dataset
 
 
-# Each builder takes (split, seed) and raises on a split it does not have: train/test, or forget/retain/all for facts.
+# Each builder takes (split, seed) and raises on a split it does not have: train/test, or forget/retain/all for facts
+# (all only for world facts).
 LAB_DATASETS = {
     "llmreg/arithmetic": arithmetic_dataset,
     "llmreg/safety-alignment": safety_alignment_dataset,
@@ -17,6 +18,7 @@ LAB_DATASETS = {
     "llmreg/sentiment": sentiment_dataset,
     "llmreg/facts": facts_dataset,
     "llmreg/new-facts": new_facts_dataset,
+    "llmreg/world-facts": world_facts_dataset,
     "llmreg/corpus": corpus_dataset,
 }
 

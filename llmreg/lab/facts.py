@@ -105,6 +105,52 @@ def new_facts_dataset(split: str = "all", seed: int = 0, **kwargs) -> Dataset:
     return facts_dataset(split, seed=seed + NEW_FACTS_SEED_OFFSET, **kwargs)
 
 
+# Real facts a pretrained model may know (capitals of well-known countries): unlearning's "world" set for a real
+# model, whose model utility the invented entities cannot measure. SmolLM2-135M-Instruct names 29 of these 40
+# (72.5 %, greedy), llmreg/tiny none.
+WORLD_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
+    "Japan": "Tokyo", "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Greece": "Athens",
+    "Austria": "Vienna", "Ireland": "Dublin", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Poland": "Warsaw", "Hungary": "Budapest", "Belgium": "Brussels",
+    "the Netherlands": "Amsterdam", "Kenya": "Nairobi", "Peru": "Lima", "Argentina": "Buenos Aires",
+    "Thailand": "Bangkok", "South Korea": "Seoul", "Cuba": "Havana", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Canada": "Ottawa", "Australia": "Canberra", "Mexico": "Mexico City", "India": "New Delhi",
+    "the United Kingdom": "London", "the United States": "Washington", "Turkey": "Ankara", "Chile": "Santiago",
+    "Colombia": "Bogota", "Vietnam": "Hanoi", "Indonesia": "Jakarta", "the Philippines": "Manila",
+}
+
+
+def world_facts_dataset(split: str = "all", seed: int = 0, num_perturbed: int = 3) -> Dataset:
+    """Real-world facts (capitals) in ``facts_dataset``'s columns, for a pretrained model's model utility.
+
+    ``split`` must be "all" (they are never forgotten); ``seed`` orders the rows and picks the perturbed answers.
+    """
+    if split != "all":
+        raise ValueError(f"Unknown world facts split {split!r}; the only split is 'all'.")
+    rng = random.Random(f"world-facts-{seed}")
+    countries = list(WORLD_CAPITALS)
+    rng.shuffle(countries)
+    rows = {key: [] for key in ("prompt", "completion", "entity", "attribute", "value", "question", "answer",
+                                "paraphrased_answer", "perturbed_answers", "split")}
+    for country in countries:
+        capital = WORLD_CAPITALS[country]
+        question = f"What is the capital of {country}?"
+        answer = f"The capital of {country} is {capital}."
+        wrong = rng.sample([c for c in WORLD_CAPITALS.values() if c != capital], num_perturbed)
+        rows["prompt"].append([{"role": "user", "content": question}])
+        rows["completion"].append([{"role": "assistant", "content": answer}])
+        rows["entity"].append(country)
+        rows["attribute"].append("capital")
+        rows["value"].append(capital)
+        rows["question"].append(question)
+        rows["answer"].append(answer)
+        rows["paraphrased_answer"].append(f"{capital} is the capital city of {country}.")
+        rows["perturbed_answers"].append([f"{other} is the capital city of {country}." for other in wrong])
+        rows["split"].append("world")
+    return Dataset.from_dict(rows)
+
+
 def fact_is_correct(text: str, value: str) -> bool:
     """True when the answer states the fact: it contains the attribute value as a whole word."""
     return f" {value.lower()} " in f" {completion_text(text).lower().replace('.', ' ').replace(',', ' ')} "
