@@ -53,10 +53,12 @@ def assert_learned_and_reloads(output_dir: Path, min_states: int = 1, saves_mode
     from llmreg.lab import generate_completions
     from llmreg.recipe_utils import load_for_evaluation
 
-    states = sorted(output_dir.rglob("trainer_state.json"))
-    assert len(states) >= min_states, f"no trainer_state.json under {output_dir}"
+    # The Trainer's state, or the log history alone (the FTaaS pipeline's stages keep only that).
+    states = sorted([*output_dir.rglob("trainer_state.json"), *output_dir.rglob("log_history.json")])
+    assert len(states) >= min_states, f"no trainer_state.json or log_history.json under {output_dir}"
     for path in states:
-        history = json.loads(path.read_text())["log_history"]
+        record = json.loads(path.read_text())
+        history = record["log_history"] if isinstance(record, dict) else record
         steps = [entry for entry in history if "loss" in entry and "grad_norm" in entry]
         assert steps, f"{path}: no training step logged"
         for entry in steps:
@@ -88,6 +90,11 @@ RECIPES = {
     "spin": SELFPLAY,
     "booster": ("--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "128",
                 "--num_eval_prompts", "2", "--eval_max_new_tokens", "4"),
+    # Alignment (SFT and Booster), then the customer's fine-tune at p = 0.5 of harmful data, then both scores.
+    "ftaas": ("--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "128",
+              "--methods", "sft", "booster", "--harmful_ratios", "0.5", "--num_finetune_samples", "4",
+              "--finetune_epochs", "1", "--finetune_batch_size", "2", "--num_eval_samples", "2",
+              "--max_new_tokens", "4"),
     "reweight": ("--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "32",
                  "--strategies", "uniform", "linupper", "--num_eval_samples", "4", "--eval_steps", "1"),
 }
