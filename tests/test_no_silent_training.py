@@ -109,3 +109,25 @@ def test_selfplay_without_any_pair_stops_with_the_causes(tmp_path, lab_model_dir
     with pytest.raises(RuntimeError, match="nothing to train on"):
         selfplay(tmp_path, lab_model_dir, f"reward_func:{__name__}.constant_reward")
     assert not (tmp_path / "iter_1" / "model").exists()
+
+
+def test_selfplay_evaluation_samples_pi_itself_whatever_the_training_top_p(tmp_path, lab_model_dir, monkeypatch):
+    # The KL estimate mean(ℓ_π(y) − ℓ_μ(y)) needs y ~ π: evaluation samples take no nucleus truncation even when
+    # training samples do, and run at eval_temperature with eval_max_new_tokens.
+    from llmreg.selfplay import loop
+
+    calls = []
+    sample = loop.sample_completions
+
+    def recording(*args, **kwargs):
+        calls.append({key: kwargs[key] for key in ("top_p", "temperature", "max_new_tokens", "desc")})
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "sample_completions", recording)
+    selfplay(tmp_path, lab_model_dir, "reward_func:llmreg.lab.arithmetic_reward", top_p=0.5, eval_temperature=0.7,
+             eval_max_new_tokens=5)
+    evaluation = [c for c in calls if "evaluation" in c["desc"]]
+    training = [c for c in calls if "sampling" in c["desc"]]
+    assert evaluation and training
+    assert all((c["top_p"], c["temperature"], c["max_new_tokens"]) == (1.0, 0.7, 5) for c in evaluation)
+    assert all((c["top_p"], c["temperature"], c["max_new_tokens"]) == (0.5, 1.0, 8) for c in training)

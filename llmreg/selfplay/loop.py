@@ -199,7 +199,7 @@ class SelfPlayLoop:
 
     # --- stages ------------------------------------------------------------------------------------------------------
     def _generate(self, model_path: str, prompts: list, num_samples: int, temperature: float, seed: int,
-                  desc: str, max_new_tokens: int) -> list[list[dict]]:
+                  desc: str, max_new_tokens: int, top_p: float) -> list[list[dict]]:
         """Samples of every prompt, the work split over the ranks; every rank gets the whole result."""
         args = self.args
         if args.use_vllm:
@@ -207,7 +207,7 @@ class SelfPlayLoop:
             if self.state.is_main_process:
                 samples = sample_completions_vllm(model_path, self.tokenizer, prompts, num_samples=num_samples,
                                                   max_new_tokens=max_new_tokens, temperature=temperature,
-                                                  top_p=args.top_p, seed=seed)
+                                                  top_p=top_p, seed=seed)
             return gather_object([samples])[0]
         # Each rank takes whole batches, so the seeds (per batch start) do not depend on the number of ranks.
         batch = args.generation_batch_size
@@ -219,7 +219,7 @@ class SelfPlayLoop:
             for start in starts:
                 group = sample_completions(model, self.tokenizer, prompts[start:start + batch],
                                            num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                           temperature=temperature, top_p=args.top_p, batch_size=batch,
+                                           temperature=temperature, top_p=top_p, batch_size=batch,
                                            seed=seed + start, desc=f"{desc} (batch {start // batch + 1})",
                                            show_progress=self.state.is_main_process)
                 local.append((start, group))
@@ -228,11 +228,13 @@ class SelfPlayLoop:
         return [group for _, group in gathered for group in group]
 
     def _samples(self, path: Path, model_path: str, prompts: list, num_samples: int, temperature: float, seed: int,
-                 desc: str, max_new_tokens: int | None = None) -> list[list[dict]]:
-        """Samples read from ``path``, or generated and written there (atomically) first."""
+                 desc: str, max_new_tokens: int | None = None, top_p: float | None = None) -> list[list[dict]]:
+        """Samples read from ``path``, or generated and written there (atomically) first; ``max_new_tokens`` and
+        ``top_p`` default to the loop's sampling settings."""
         if not path.exists():
             samples = self._generate(model_path, prompts, num_samples, temperature, seed, desc,
-                                     max_new_tokens or self.args.max_new_tokens)
+                                     max_new_tokens or self.args.max_new_tokens,
+                                     self.args.top_p if top_p is None else top_p)
             if self.state.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(path, "".join(json.dumps(group) + "\n" for group in samples))
@@ -335,8 +337,9 @@ class SelfPlayLoop:
     def _evaluate(self, name: str, model_path: str, directory: Path) -> dict:
         """Win rate vs the base, mean length (tokens), KL(π‖μ) and judge score on held-out prompts (main process).
 
-        One response per prompt at ``eval_temperature`` (default 1, where the mean of ℓ_π(y) − ℓ_μ(y) estimates the
-        KL; at another temperature it is only the responses' mean log-ratio).
+        One response per prompt at ``eval_temperature`` and without nucleus truncation (top_p = 1), so that at the
+        default temperature 1 the responses are samples of π itself and the mean of ℓ_π(y) − ℓ_μ(y) estimates
+        KL(π‖μ); at another temperature it is only the responses' mean log-ratio.
         """
         path = directory / "eval.json"
         if path.exists():
@@ -345,10 +348,10 @@ class SelfPlayLoop:
         prompts = list(self.eval_prompts["prompt"])
         seed = self.training_args.seed + 104729  # the same seed for every model: paired comparisons
         samples = self._samples(directory / "eval_samples.jsonl", model_path, prompts, 1, args.eval_temperature, seed,
-                                f"{name}: evaluation samples", args.eval_max_new_tokens)
+                                f"{name}: evaluation samples", args.eval_max_new_tokens, top_p=1.0)
         base_samples = self._samples(self.output_dir / "base" / "eval_samples.jsonl", self.base, prompts, 1,
                                      args.eval_temperature, seed, "base model: evaluation samples",
-                                     args.eval_max_new_tokens)
+                                     args.eval_max_new_tokens, top_p=1.0)
         result = None
         if self.state.is_main_process:
             columns = {key: list(self.eval_prompts[key]) for key in self.eval_prompts.column_names}
