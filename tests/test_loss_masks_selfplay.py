@@ -213,17 +213,19 @@ def generated_example(tokenizer, prompt, sample: dict) -> Example:
 @pytest.mark.parametrize("method", ["rspo", "spin"])
 def test_selfplay_pairs_are_the_generated_answers_and_train_on_their_tokens(lab_model_dir, tmp_path, method):
     tokenizer = AutoTokenizer.from_pretrained(lab_model_dir)
-    prompts = arithmetic_dataset(4)
+    prompts = arithmetic_dataset(12)  # enough that some prompts' samples differ in reward (the others tie: no pair)
     if method == "rspo":
         args = RSPOConfig(str(tmp_path), **COMMON, regularizers={"forward_kl_samples": 0.1})
     else:
         args = SPINConfig(str(tmp_path), **COMMON)
-    loop = SelfPlayLoop(method, SelfPlayArguments(iterations=1, num_samples=3, max_new_tokens=24,
-                                                  generation_batch_size=8, num_eval_prompts=1),
+    loop = SelfPlayLoop(method, SelfPlayArguments(iterations=1, num_samples=4, max_new_tokens=24,
+                                                  generation_batch_size=12, num_eval_prompts=1),
                         args, str(lab_model_dir), prompts, arithmetic_dataset(1, split="test"))
     dataset = load_from_disk(str(loop._build_dataset(1)))
     generations = read_samples(tmp_path / "iter_1" / "generations.jsonl")
-    assert list(dataset["prompt"]) == list(prompts["prompt"])
+    # Prompts whose samples all tie give no pair: the kept rows are the others, in order.
+    kept = [list(prompts["prompt"]).index(prompt) for prompt in dataset["prompt"]]
+    assert kept == sorted(kept) and len(kept) >= 2
     for group in generations:
         for sample in group:
             # Finished samples (the audit's precondition), whose text tokenises back to the generated tokens.
@@ -239,7 +241,8 @@ def test_selfplay_pairs_are_the_generated_answers_and_train_on_their_tokens(lab_
 
     chosen, rejected, samples = [], [], []
     base_samples = (read_samples(tmp_path / "base" / "samples.jsonl") if method == "rspo" else None)
-    for i, (row, group) in enumerate(zip(dataset, generations)):
+    for i, row in zip(kept, dataset):
+        group = generations[i]
         if method == "rspo":
             chosen.append(generated_example(tokenizer, row["prompt"], sample_of(row, "chosen", group)))
             samples.append(generated_example(tokenizer, row["prompt"],
@@ -258,6 +261,7 @@ def test_selfplay_pairs_are_the_generated_answers_and_train_on_their_tokens(lab_
         trainer = SPINTrainer(str(lab_model_dir), args=args, train_dataset=dataset, processing_class=loop.tokenizer)
     forwards = one_step(trainer)
     assert len(forwards) == (2 if method == "rspo" else 1)
-    assert check_pairs(forwards[0], chosen, rejected, f"{method}: the loop's pairs") == 2 * 4
+    rows = min(len(kept), 4)  # one step of per_device_train_batch_size 4
+    assert check_pairs(forwards[0], chosen, rejected, f"{method}: the loop's pairs") == 2 * rows
     if method == "rspo":
-        assert check_base_samples(forwards[0], forwards[1], chosen, samples, "RSPO: the loop's base samples") == 4
+        assert check_base_samples(forwards[0], forwards[1], chosen, samples, "RSPO: the loop's base samples") == rows

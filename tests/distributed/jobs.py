@@ -51,7 +51,9 @@ RECIPE_ARGS = {
     "rpg": [str(RECIPES / "rpg.py"), "--config", str(CONFIGS / "rpg_lab.yaml"), "--max_steps", "4",
             "--logging_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
             "--rpg_beta", "0.05", "--steps_per_generation", "2", "--save_strategy", "steps", "--save_steps", "2"],
-    "rspo": [str(RECIPES / "rspo.py"), "--iterations", "1", "--prompts_per_iteration", "16", "--num_samples", "2",
+    # 32 prompts x 4 samples: about a third give pairs (the rest tie and are dropped), two steps' worth. A single step
+    # of pairs crashes DeepSpeed ZeRO-3's parameter trace (docs/rspo.md, Limits).
+    "rspo": [str(RECIPES / "rspo.py"), "--iterations", "1", "--prompts_per_iteration", "32", "--num_samples", "4",
              "--num_eval_prompts", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
              "--generation_batch_size", "8", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2"],
     "spin": [str(RECIPES / "spin.py"), "--iterations", "1", "--prompts_per_iteration", "16", "--num_eval_prompts",
