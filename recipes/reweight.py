@@ -96,7 +96,8 @@ def results_table(rows: list[dict]) -> str:
              "|---|---|---|---|"]
     for row in rows:
         reached = row["steps_to_uniform_final"]
-        share = "—" if reached is None or row["uniform_steps"] is None else f"{reached / row['uniform_steps']:.2f}"
+        # No share when uniform reached its final loss at step 0 (it never improved on its start): no denominator.
+        share = "—" if reached is None or not row["uniform_steps"] else f"{reached / row['uniform_steps']:.2f}"
         lines.append(f"| {row['strategy']} | {row['final_heldout_loss']:.4f} | "
                      f"{'not reached' if reached is None else reached} | {share} |")
     return "\n".join(lines) + "\n"

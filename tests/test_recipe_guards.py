@@ -206,3 +206,12 @@ def test_the_sft_recipe_trains_assistant_only_on_the_lab_template(lab_model_dir,
         "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none", "--disable_tqdm", "true"]))
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 1
+
+
+def test_reweight_table_when_uniform_never_improves_on_its_start():
+    from llmreg.recipes.reweight import results_table
+
+    rows = [{"strategy": "uniform", "final_heldout_loss": 2.0, "uniform_steps": 0, "steps_to_uniform_final": 0},
+            {"strategy": "linupper", "final_heldout_loss": 1.9, "uniform_steps": 0, "steps_to_uniform_final": 0}]
+    table = results_table(rows)
+    assert "| uniform | 2.0000 | 0 | — |" in table and "| linupper | 1.9000 | 0 | — |" in table
