@@ -32,6 +32,7 @@ from llmreg.recipe_utils import (
     model_init_kwargs,
     parse_recipe_args,
 )
+from llmreg.stages import resolve_resume_from_checkpoint
 from llmreg.trainer_utils import without_zero3
 
 
@@ -81,7 +82,9 @@ def main(script_args: BoosterScriptArguments, eval_args: LabEvalArguments, dropo
                        else f"it scores the lab's harmful prompts, and the dataset is {script_args.dataset_name}")
     before = lab_safety(model, eval_args) if on_lab and accelerator.is_main_process else None
 
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
+    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

@@ -31,6 +31,7 @@ from llmreg.recipe_utils import (
     parse_recipe_args,
 )
 from llmreg.rpg import RPGConfig, RPGTrainer
+from llmreg.stages import resolve_resume_from_checkpoint
 from llmreg.trainer_utils import check_dataset_columns, import_object, without_zero3
 
 
@@ -78,7 +79,9 @@ def main(script_args: RPGScriptArguments, eval_args: LabEvalArguments, dropout: 
     if on_lab_task and accelerator.is_main_process:
         before = lab_accuracy(model_args.model_name_or_path, eval_args)
 
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
+    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -111,7 +114,9 @@ def make_parser():
         temperature=1.0,
         activation_checkpointing=False,
         logging_steps=20,
-        save_strategy="no",
+        save_strategy="steps",  # a killed run's rerun continues from the last checkpoint
+        save_steps=100,  # a multiple of the 4 optimizer steps per generation
+        save_total_limit=2,
     )
 
 

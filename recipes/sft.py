@@ -15,6 +15,7 @@ Any model and dataset TRL's SFTTrainer accepts work too (LoRA with ``--use_peft`
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.stages import resolve_resume_from_checkpoint
 from llmreg.trainer_utils import SFT_FORMATS, check_assistant_only_loss, check_dataset_columns
 
 
@@ -36,7 +37,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
+    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -59,7 +62,9 @@ def make_parser():
         max_length=128,
         activation_checkpointing=False,
         logging_steps=20,
-        save_strategy="no",
+        save_strategy="steps",  # a killed run's rerun continues from the last checkpoint
+        save_steps=50,
+        save_total_limit=2,
     )
 
 
