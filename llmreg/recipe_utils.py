@@ -10,21 +10,31 @@ A recipe calls ``make_recipe_parser`` with its dataclasses and its defaults, the
 - the Hugging Face hub is offline unless ``HF_HUB_OFFLINE`` is set otherwise in the environment;
 - ``LaunchArguments`` (``accelerate_config``, ``num_processes``, ...) are keys of every recipe, in YAML and on the
   command line alike, read by ``llmreg run`` to build the ``accelerate launch`` line (so the command line wins over the
-  YAML for them too) and refused in a process ``llmreg run`` did not start, where they could only be ignored.
+  YAML for them too) and refused in a process ``llmreg run`` did not start, where they could only be ignored;
+- bad input fails before any model loads, once, in one line (``llmreg.errors.InputError``): an unreadable YAML (file,
+  line and problem), an unknown or abbreviated option (with the closest valid ones), a model or dataset path that does
+  not exist (or a hub id that is neither cached offline nor on the hub). ``run_recipe`` runs a recipe's ``main`` that
+  way, and ends a Ctrl-C with one line saying what is kept and how to continue.
 """
 
+import difflib
 import importlib.util
 import os
+import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset, load_dataset, load_from_disk
 from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_quantization_config
 
+from llmreg.errors import InputError
 from llmreg.lab import LAB_DATASETS, LAB_MODEL_ID, load_lab_dataset, resolve_model_name_or_path
+from llmreg.lab.model import LAB_MODELS
 from llmreg.lab.prompts import prompt_style_of
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
@@ -69,14 +79,68 @@ class LaunchArguments:
 
 class RecipeParser(TrlParser):
     """A ``TrlParser`` whose every recipe also takes ``LaunchArguments``: ``parse_args_and_config`` returns the
-    recipe's own dataclasses, as before, and keeps the launch options in ``launch_arguments``."""
+    recipe's own dataclasses, as before, and keeps the launch options in ``launch_arguments``.
+
+    Options must be spelt out: argparse's prefix matching would take ``--max_step 5`` for ``--max_steps``, while a
+    misspelt YAML key is an error. Every parsing error is an ``InputError``: one line, no traceback."""
 
     launch_arguments: LaunchArguments | None = None
 
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
     def parse_args_and_config(self, args=None, **kwargs) -> tuple:
-        launch_arguments, *parsed = super().parse_args_and_config(args, **kwargs)
+        args = list(sys.argv[1:] if args is None else args)
+        if "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise InputError("--config needs a YAML file's path.")
+            check_yaml_config(args[index + 1])
+        try:
+            launch_arguments, *parsed = super().parse_args_and_config(args, **kwargs)
+        except InputError:
+            raise
+        except (ValueError, FileNotFoundError) as error:
+            raise InputError(self._explain(str(error))) from error
         self.launch_arguments = launch_arguments
         return tuple(parsed)
+
+    def error(self, message: str):
+        """argparse's errors (a missing value, a bad choice): an ``InputError``, not argparse's usage line, which would
+        list every option of the recipe."""
+        raise InputError(f"{message}. `{self.prog} --help` lists the options.")
+
+    def _explain(self, message: str) -> str:
+        """HfArgumentParser's message on unknown options, with the closest valid option for each."""
+        match = re.match(r"Some specified arguments are not used by the HfArgumentParser: (\[.*\])$", message)
+        if match is None:
+            return message
+        valid = [option for option in self._option_string_actions if option.startswith("--") and "-" not in option[2:]]
+        hints = []
+        for option in re.findall(r"'(--[^'=]+)", match.group(1)):
+            close = difflib.get_close_matches(option, valid, n=3, cutoff=0.6)
+            hints.append(f"{option} (did you mean {' or '.join(close)}?)" if close else option)
+        return (f"Unknown option{'s' if len(hints) > 1 else ''}: {', '.join(hints)}. Options are spelt out in full "
+                f"(no abbreviations); `{self.prog} --help` lists them.")
+
+
+def check_yaml_config(path: str) -> dict:
+    """The YAML config at ``path`` as a mapping, or an ``InputError`` naming the file, the line and the problem."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as error:
+        raise InputError(f"Cannot read the config file {path}: {error.strerror or error}.") from error
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise InputError(f"{path}{where}: not valid YAML ({problem}).") from error
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must be a YAML mapping of keys to values (key: value lines); it holds "
+                         f"{type(config).__name__}.")
+    return config
 
 
 @dataclass
@@ -143,13 +207,73 @@ def parse_recipe_args(parser: RecipeParser, args: list[str] | None = None) -> tu
     parsed = parser.parse_args_and_config(args)
     launch = parser.launch_arguments.given()
     if launch and os.environ.get(LAUNCHED_BY_LLMREG) != "1":
-        raise ValueError(f"{', '.join(launch)} choose how `llmreg run` launches a recipe, but this process was not "
+        raise InputError(f"{', '.join(launch)} choose how `llmreg run` launches a recipe, but this process was not "
                          "started by `llmreg run`, so they would be ignored. Launch with `llmreg run <method> ...`, "
                          "or remove them and pass accelerate's own options (accelerate launch --config_file ...).")
+    check_paths(parsed)
     for arguments in parsed:
         if isinstance(arguments, ModelConfig):
             arguments.model_name_or_path = resolve_model_name_or_path(arguments.model_name_or_path)
     return parsed
+
+
+def check_paths(parsed: tuple) -> None:
+    """Before any model loads: every model and dataset a recipe names exists (a lab id, a local path, or a hub id
+    that is cached, or on the hub when online). Lab models are not built here."""
+    for arguments in parsed:
+        for name, value in vars(arguments).items():
+            if not isinstance(value, str) or value in ("", "auto"):  # "auto": the recipe picks one (unlearning)
+                continue
+            if name.endswith("dataset_name"):
+                check_dataset_reference(value, f"--{name}")
+            elif name in ("model_name_or_path", "base_model_name_or_path", "gold_model") and value not in LAB_MODELS:
+                try:
+                    resolve_model_name_or_path(value)
+                except (ValueError, FileNotFoundError) as error:
+                    raise InputError(f"--{name}: {error}") from error
+
+
+def check_dataset_reference(name: str, option: str = "--dataset_name") -> None:
+    """``name`` is something ``load_recipe_dataset`` can load, or an ``InputError`` says why not."""
+    if name in LAB_DATASETS or Path(name).expanduser().exists():
+        return
+    if name.startswith("llmreg/"):
+        raise InputError(f"{option}: unknown lab dataset {name!r}; valid lab datasets: {', '.join(LAB_DATASETS)}.")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise InputError(f"{option}: {name} does not exist. Pass an existing dataset directory (save_to_disk, or data "
+                         f"files), a hub id, or a lab dataset ({', '.join(LAB_DATASETS)}).")
+    hub_cache = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+    if hub_cache.is_dir() or any(datasets_cache.glob(f"{name.replace('/', '___')}*")):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"{option}: {name!r} is not a local path and is not in the Hugging Face cache, and the hub "
+                         "is offline (HF_HUB_OFFLINE=1). Download it first (HF_HUB_OFFLINE=0), pass a local directory "
+                         f"or use a lab dataset ({', '.join(LAB_DATASETS)}).")
+
+
+def run_recipe(main, parser: RecipeParser, args: list[str] | None = None) -> None:
+    """Parse the command line, then run the recipe's ``main`` with the parsed dataclasses. Bad input ends in one line
+    and exit status 2; Ctrl-C in one line saying what is kept in the output directory and how to continue."""
+    try:
+        parsed = parse_recipe_args(parser, args)
+    except InputError as error:
+        _exit(2, f"{parser.prog}: error: {error}")
+    output_dir = next((arguments.output_dir for arguments in parsed if hasattr(arguments, "output_dir")), None)
+    try:
+        main(*parsed)
+    except InputError as error:
+        _exit(2, f"{parser.prog}: error: {error}")
+    except KeyboardInterrupt:
+        _exit(130, f"Interrupted. What was saved stays in {output_dir} (finished stages and checkpoints); rerun the "
+                   "same command to continue from there.")
+
+
+def _exit(status: int, message: str) -> None:
+    """End the process with ``message`` on stderr, written once (by the main process of a distributed launch)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.write(message + "\n")
+    sys.exit(status)
 
 
 def load_recipe_dataset(script_args, split: str, *, model_name_or_path: str) -> Dataset:

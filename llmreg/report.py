@@ -30,14 +30,19 @@ LOWER_IS_BETTER = re.compile(r"loss|kl|harm|perplexity")
 HIGHER_IS_BETTER = re.compile(r"reward|accuracy|margin|win_rate")
 
 
-def metric_goal(name: str) -> str | None:
-    """``"min"``, ``"max"`` or None (no best) for a metric name; a spread (``*_std``) has none."""
-    if "std" in name:
-        return None
-    if LOWER_IS_BETTER.search(name):
-        return "min"
-    if HIGHER_IS_BETTER.search(name):
-        return "max"
+def metric_goal(key: str) -> str | None:
+    """``"min"``, ``"max"`` or None (no best) for a logged metric's key, decided by its last part that names a
+    direction (``rewards/correct/mean`` is a reward, ``rpg/ufkl`` a divergence); a spread (``std``) has none.
+
+    Give the key as logged, without the stage or run directory it was read from: a directory's name says nothing
+    about a metric (``rpg-divergence=fkl-seed0/reward`` is a reward, not a KL)."""
+    for part in reversed(key.split("/")):
+        if "std" in part:
+            return None
+        if LOWER_IS_BETTER.search(part):
+            return "min"
+        if HIGHER_IS_BETTER.search(part):
+            return "max"
     return None
 
 
@@ -72,15 +77,20 @@ def metric_name(stage: str, key: str) -> str:
     return key if stage == "." else f"{stage}/{key}"
 
 
-def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every logged metric's (step, value) points, over all training stages."""
-    points: dict[str, list[tuple[int, float]]] = {}
+def stage_curves(run_dir: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """Every logged metric's (step, value) points, by (training stage, key as logged)."""
+    points: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for stage, history in training_stages(run_dir).items():
         for entry in history:
             for key, value in entry.items():
                 if key not in BOOKKEEPING and not key.startswith("train_") and is_number(value):
-                    points.setdefault(metric_name(stage, key), []).append((entry["step"], float(value)))
+                    points.setdefault((stage, key), []).append((entry["step"], float(value)))
     return points
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every logged metric's (step, value) points, over all training stages, by metric name (``stage/key``)."""
+    return {metric_name(stage, key): points for (stage, key), points in stage_curves(run_dir).items()}
 
 
 def final_results(run_dir: Path) -> dict[str, float]:
@@ -106,9 +116,10 @@ def run_metrics(run_dir: Path, goals: dict[str, str | None] | None = None) -> di
     goal (from ``goals``, else by its name), its ``best`` logged value."""
     goals = goals or {}
     metrics = {name: {"final": value} for name, value in final_results(run_dir).items()}
-    for name, points in curves(run_dir).items():
+    for (stage, key), points in stage_curves(run_dir).items():
+        name = metric_name(stage, key)
         values = [value for _, value in points]
-        goal = goals.get(name, metric_goal(name))
+        goal = goals.get(name, metric_goal(key))
         entry = metrics.setdefault(name, {"final": values[-1]})
         if goal is not None:
             entry["best"] = min(values) if goal == "min" else max(values)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from llmreg.errors import InputError
+
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ RECORD = "llmreg_stage.json"
 PARTIAL_SUFFIX = ".partial"
 
 
-class StageSettingsError(ValueError):
+class StageSettingsError(InputError):
     """A stage on disk was produced with other settings than the run asking for it."""
 
 
@@ -114,7 +116,8 @@ class Stage:
         use(stage.path)
 
     Every process of a distributed run calls the same methods in the same order; the main process writes the
-    records and renames, the others wait for it.
+    records and renames, the others wait for it. (The process state is looked up at each call, not kept: a pipeline
+    may reset accelerate's state between two trainings.)
     """
 
     def __init__(self, path: Path | str, settings: dict, *, overwrite: bool = False):
@@ -122,7 +125,6 @@ class Stage:
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
         self.settings = _json_ready(settings)
         self.overwrite = overwrite
-        self.state = PartialState()
 
     def _recorded(self, directory: Path) -> dict | None:
         try:
@@ -140,9 +142,9 @@ class Stage:
         if self.overwrite or (recorded is None and directory == self.partial):
             if recorded is not None:
                 logger.warning("--overwrite: deleting %s (made with other settings) to recompute it.", directory)
-            if self.state.is_main_process:
+            if PartialState().is_main_process:
                 shutil.rmtree(directory)
-            self.state.wait_for_everyone()
+            PartialState().wait_for_everyone()
             return
         if recorded is None:
             problem = f"{directory} exists but holds no record of the settings that made it ({RECORD})"
@@ -170,17 +172,17 @@ class Stage:
         if self.is_finished():
             raise RuntimeError(f"Stage {self.path} is already finished; check is_finished() before build().")
         resumed = self.partial.exists()
-        if self.state.is_main_process:
+        if PartialState().is_main_process:
             self.partial.mkdir(parents=True, exist_ok=True)
             if not resumed:
                 (self.partial / RECORD).write_text(json.dumps({"settings": self.settings, "finished": False},
                                                               indent=1))
-        self.state.wait_for_everyone()
+        PartialState().wait_for_everyone()
         if resumed:
             logger.warning("Continuing the unfinished stage %s (interrupted earlier, same settings).", self.partial)
         yield self.partial
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
+        PartialState().wait_for_everyone()
+        if PartialState().is_main_process:
             record = self.partial / RECORD
             temporary = record.with_name(RECORD + ".tmp")
             temporary.write_text(json.dumps({"settings": self.settings, "finished": True}, indent=1))
@@ -188,7 +190,7 @@ class Stage:
             _fsync_tree(self.partial)
             os.replace(self.partial, self.path)
             _fsync_directory(self.path.parent)
-        self.state.wait_for_everyone()
+        PartialState().wait_for_everyone()
 
 
 def checkpoint_problem(checkpoint: Path | str) -> str | None:
@@ -256,7 +258,7 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | P
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
             if text not in (None, "auto"):
-                raise ValueError(f"--resume_from_checkpoint true, but {output_dir} holds no complete checkpoint-N "
+                raise InputError(f"--resume_from_checkpoint true, but {output_dir} holds no complete checkpoint-N "
                                  "directory. Drop the option to start from scratch, or pass a checkpoint's path.")
             return None
         if PartialState().is_main_process:
@@ -268,5 +270,5 @@ def resolve_resume_from_checkpoint(value: str | bool | None, output_dir: str | P
         fallback = last_complete_checkpoint(Path(value).parent)
         offer = (f" The newest complete checkpoint next to it is {fallback}: pass it instead."
                  if fallback else " No complete checkpoint sits next to it.")
-        raise ValueError(f"Cannot resume from {value}: {problem}.{offer}")
+        raise InputError(f"Cannot resume from {value}: {problem}.{offer}")
     return str(value)

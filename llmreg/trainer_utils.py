@@ -15,6 +15,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import deepspeed as hf_deepspeed
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
+from llmreg.errors import InputError
+
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def check_dataset_columns(dataset, formats: dict[str, tuple[str, ...]], method: 
     expected = "; ".join(f"{name}: {', '.join(repr(c) for c in required)} (missing "
                          f"{', '.join(repr(c) for c in required if c not in columns)})"
                          for name, required in formats.items())
-    raise ValueError(
+    raise InputError(
         f"{method} cannot use this dataset: its columns are {sorted(columns)}, but {method} needs the columns of "
         f"one of these formats: {expected}. Rename or map your columns (datasets.Dataset.rename_column or .map) "
         "to one of them."
@@ -81,7 +83,7 @@ def check_assistant_only_loss(tokenizer: PreTrainedTokenizerBase | str, args) ->
         return
     problem = ("is missing" if template is None else
                "has no {% generation %} ... {% endgeneration %} markers (and TRL has no training version of it)")
-    raise ValueError(
+    raise InputError(
         "--assistant_only_loss true needs a chat template that marks the assistant's turns with "
         f"{{% generation %}} ... {{% endgeneration %}}, so that TRL can tell which tokens to train on, but {source} "
         f"{problem}. Fixes: use a prompt-completion dataset (`prompt` and `completion` columns) instead, and TRL "

@@ -16,6 +16,10 @@ The paper's setting (Llama-2-7B with LoRA; see the comments in the config):
     accelerate launch recipes/booster.py --config recipes/configs/booster.yaml
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 import logging
 from dataclasses import dataclass, field
 
@@ -30,7 +34,7 @@ from llmreg.recipe_utils import (
     load_recipe_dataset,
     make_recipe_parser,
     model_init_kwargs,
-    parse_recipe_args,
+    run_recipe,
 )
 from llmreg.stages import resolve_resume_from_checkpoint
 from llmreg.trainer_utils import without_zero3
@@ -61,6 +65,8 @@ def lab_safety(model_path: str, eval_args: LabEvalArguments) -> dict[str, float]
 
 def main(script_args: BoosterScriptArguments, eval_args: LabEvalArguments, dropout: LoRADropoutConfig,
          training_args: BoosterConfig, model_args: ModelConfig) -> None:
+    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
+    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     model = model_args.model_name_or_path
     train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
@@ -82,8 +88,6 @@ def main(script_args: BoosterScriptArguments, eval_args: LabEvalArguments, dropo
                        else f"it scores the lab's harmful prompts, and the dataset is {script_args.dataset_name}")
     before = lab_safety(model, eval_args) if on_lab and accelerator.is_main_process else None
 
-    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
-    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -123,4 +127,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

@@ -14,13 +14,17 @@ The alignment stage's settings are BoosterConfig's (`--booster_lambda`, `--learn
 customer's fine-tune the `--finetune_*` options. Results: `<output_dir>/results.{md,csv,json,png}`; a rerun resumes.
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
 from llmreg.booster import BoosterConfig
 from llmreg.ftaas import FTaaSArguments, FTaaSPipeline, results_table
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.trainer_utils import check_assistant_only_loss
 
 
@@ -97,4 +101,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

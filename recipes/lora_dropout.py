@@ -11,6 +11,10 @@ the answers' likelihoods, over ``label_choices`` — one pass (the expected adap
 ``--lora_dropout_eval_samples`` masks. Results: ``<output_dir>/lora_dropout_results.{md,json}``.
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_co
 
 from llmreg.lab import expected_calibration_error
 from llmreg.lora_dropout import LoRADropoutConfig, choice_probabilities, with_lora_dropout
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
 
 
@@ -124,4 +128,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

@@ -18,6 +18,10 @@ With ``--use_peft`` a LoRA adapter trains, and LoRA Dropout (``--lora_dropout_p`
 (``--l1_lambda``) compose with the reweighting (docs/lora_dropout.md, "Composing with other regularizers").
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 import io
 import json
 import logging
@@ -33,7 +37,7 @@ from llmreg.l1_penalty import with_l1_penalty
 from llmreg.lab import LAB_MODEL_ID, is_lab_model, read_lab_info
 from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.losses.reweighting import STRATEGIES
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.reweight import ReweightConfig, ReweightTrainer
 from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
 
@@ -200,4 +204,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

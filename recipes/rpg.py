@@ -14,6 +14,10 @@ The paper's setting for a real model (8 GPUs, vLLM off; see the comments in the 
         --config recipes/configs/rpg.yaml
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from llmreg.recipe_utils import (
     load_recipe_dataset,
     make_recipe_parser,
     model_init_kwargs,
-    parse_recipe_args,
+    run_recipe,
 )
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.stages import resolve_resume_from_checkpoint
@@ -55,6 +59,8 @@ def lab_accuracy(model_path: str, eval_args: LabEvalArguments) -> float:
 
 def main(script_args: RPGScriptArguments, eval_args: LabEvalArguments, dropout: LoRADropoutConfig,
          training_args: RPGConfig, model_args: ModelConfig) -> None:
+    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
+    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset = load_recipe_dataset(script_args, script_args.dataset_train_split,
                                         model_name_or_path=model_args.model_name_or_path)
@@ -79,8 +85,6 @@ def main(script_args: RPGScriptArguments, eval_args: LabEvalArguments, dropout: 
     if on_lab_task and accelerator.is_main_process:
         before = lab_accuracy(model_args.model_name_or_path, eval_args)
 
-    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
-    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -121,4 +125,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

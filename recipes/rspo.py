@@ -15,9 +15,13 @@ iterations on UltraFeedback prompts, a reward-model judge; see the comments in t
         --config recipes/configs/rspo.yaml
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.rspo import RSPOConfig
 from llmreg.selfplay import SelfPlayArguments, run_selfplay
 from llmreg.selfplay.loop import format_row, summary_table
@@ -64,4 +68,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

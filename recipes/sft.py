@@ -12,14 +12,20 @@ Any model and dataset TRL's SFTTrainer accepts work too (LoRA with ``--use_peft`
     accelerate launch recipes/sft.py --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.stages import resolve_resume_from_checkpoint
 from llmreg.trainer_utils import SFT_FORMATS, check_assistant_only_loss, check_dataset_columns
 
 
 def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
+    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     check_assistant_only_loss(model_args.model_name_or_path, training_args)
     model = model_args.model_name_or_path
@@ -37,8 +43,6 @@ def main(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mod
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
-    # A rerun of a killed run continues from its last complete checkpoint (--resume_from_checkpoint false: anew).
-    checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -69,4 +73,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

@@ -16,9 +16,13 @@ UltraChat; see the comments in the config):
         --config recipes/configs/spin.yaml
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 from trl import ModelConfig, ScriptArguments, get_peft_config
 
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.selfplay import SelfPlayArguments, run_selfplay
 from llmreg.selfplay.loop import format_row, summary_table
 from llmreg.spin import SPINConfig
@@ -63,4 +67,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

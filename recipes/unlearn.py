@@ -19,6 +19,10 @@ original, the gold model and the unlearned one — forget and retain accuracy, R
 ratio, model utility and forget quality (see docs/unlearn.md).
 """
 
+import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
+
+
+# isort: split
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -31,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
 from llmreg.lab.prompts import prompt_style_of
-from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, parse_recipe_args
+from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.trainer_utils import (
     check_assistant_only_loss,
     reset_accelerator_state,
@@ -275,4 +279,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(make_parser()))
+    run_recipe(main, make_parser())

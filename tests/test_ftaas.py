@@ -12,6 +12,7 @@ from llmreg.booster import BoosterConfig
 from llmreg.ftaas import FTaaSArguments, FTaaSPipeline
 from llmreg.ftaas import pipeline as ftaas_pipeline
 from llmreg.lab import safety_alignment_dataset, safety_eval_prompts, safety_harmful_dataset, sentiment_dataset
+from llmreg.stages import StageSettingsError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,6 +72,26 @@ def test_the_grid_writes_every_stage_and_a_rerun_redoes_nothing(lab_model_dir, t
     monkeypatch.setattr(ftaas_pipeline, "SFTTrainer", refuse)
     monkeypatch.setattr(ftaas_pipeline, "generate_completions", refuse)
     assert make_pipeline(lab_model_dir, tmp_path).run() == rows
+
+    # A rerun with another λ: SFT's stages (whose settings do not hold λ) are reused, Booster's refused by name.
+    changed = make_pipeline(lab_model_dir, tmp_path)
+    changed.alignment_args.booster_lambda = 1.0
+    with pytest.raises(StageSettingsError, match=r"training.booster_lambda: 5.0 recorded, 1.0 now") as error:
+        changed.run()
+    assert str(tmp_path / "align" / "booster") in str(error.value) and "--overwrite" in str(error.value)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows  # the old table stands
+
+    # --overwrite recomputes Booster's stages only, and the table holds the new model's numbers.
+    monkeypatch.undo()
+    overwritten = make_pipeline(lab_model_dir, tmp_path, overwrite=True)
+    overwritten.alignment_args.booster_lambda = 1.0
+    sft_stage = (tmp_path / "align" / "sft" / "llmreg_stage.json").stat().st_mtime_ns
+    new_rows = overwritten.run()
+    assert (tmp_path / "align" / "sft" / "llmreg_stage.json").stat().st_mtime_ns == sft_stage  # SFT not redone
+    assert new_rows[:3] == rows[:3]
+    relaxed = load_file(tmp_path / "align" / "booster" / "model" / "model.safetensors")
+    assert any(not relaxed[name].equal(booster[name]) for name in booster)
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["booster_lambda"] == 1.0
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -132,7 +153,7 @@ def test_each_method_aligns_with_its_own_regularizers(lab_model_dir, tmp_path, m
         pass
 
     def record(model, args, **kwargs):
-        seen[Path(args.output_dir).parent.name] = (args.booster_lambda, args.vaccine_rho)
+        seen[Path(args.output_dir).parent.name.removesuffix(".partial")] = (args.booster_lambda, args.vaccine_rho)
         raise Recorded
 
     pipeline = make_pipeline(lab_model_dir, tmp_path, vaccine_rho=2.0, methods=list(ftaas_pipeline.METHODS))

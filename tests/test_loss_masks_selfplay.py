@@ -221,8 +221,8 @@ def test_selfplay_pairs_are_the_generated_answers_and_train_on_their_tokens(lab_
     loop = SelfPlayLoop(method, SelfPlayArguments(iterations=1, num_samples=4, max_new_tokens=24,
                                                   generation_batch_size=12, num_eval_prompts=1),
                         args, str(lab_model_dir), prompts, arithmetic_dataset(1, split="test"))
-    dataset = load_from_disk(str(loop._build_dataset(1)))
-    generations = read_samples(tmp_path / "iter_1" / "generations.jsonl")
+    dataset = load_from_disk(str(loop._build_dataset(1, tmp_path / "iter_1.partial")))
+    generations = read_samples(tmp_path / "iter_1.partial" / "generations.jsonl")
     # Prompts whose samples all tie give no pair: the kept rows are the others, in order.
     kept = [list(prompts["prompt"]).index(prompt) for prompt in dataset["prompt"]]
     assert kept == sorted(kept) and len(kept) >= 2
@@ -240,7 +240,7 @@ def test_selfplay_pairs_are_the_generated_answers_and_train_on_their_tokens(lab_
         return group[texts.index(row[column][0]["content"])]
 
     chosen, rejected, samples = [], [], []
-    base_samples = (read_samples(tmp_path / "base" / "samples.jsonl") if method == "rspo" else None)
+    base_samples = (read_samples(tmp_path / "base_samples" / "samples.jsonl") if method == "rspo" else None)
     for i, row in zip(kept, dataset):
         group = generations[i]
         if method == "rspo":

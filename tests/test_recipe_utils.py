@@ -3,12 +3,14 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 
+from llmreg.errors import InputError
 from llmreg.lab import LAB_MODEL_ID
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, parse_recipe_args
 from llmreg.trainer_utils import check_dataset_columns
@@ -24,6 +26,9 @@ import rspo
 import sft
 import spin
 import unlearn
+
+
+REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture
@@ -73,7 +78,7 @@ def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
 
 
 def test_unknown_command_line_flag_is_an_error(tiny_model_dir):
-    with pytest.raises(ValueError, match="--max_stepz"):
+    with pytest.raises(InputError, match="--max_stepz"):
         parse_recipe_args(sft.make_parser(), ["--model_name_or_path", tiny_model_dir, "--max_stepz", "3"])
 
 
@@ -86,8 +91,49 @@ def test_recipe_default_for_a_field_no_dataclass_has_is_an_error():
 
 
 def test_missing_model_path_fails_before_training(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="--model_name_or_path: .* does not exist"):
         parse_recipe_args(sft.make_parser(), ["--model_name_or_path", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max_step", "5"], r"Unknown option: --max_step \(did you mean --max_steps"),
+    (["--learnin_rate", "1e-3"], r"--learnin_rate \(did you mean --learning_rate"),
+    (["--dataset_name", "/no/such/data"], r"--dataset_name: /no/such/data does not exist"),
+    (["--dataset_name", "llmreg/arithmetc"], r"unknown lab dataset 'llmreg/arithmetc'; valid lab datasets: "),
+    (["--dataset_name", "nobody/no-such-dataset"], r"is not in the Hugging Face cache, and the hub is offline"),
+    (["--resume_from_checkpoint"], r"expected one argument"),
+])
+def test_bad_command_lines_are_input_errors_naming_the_fix(args, message):
+    # An abbreviation is not taken for the option it starts (argparse's default would train 5 steps here).
+    with pytest.raises(InputError, match=message):
+        parse_recipe_args(sft.make_parser(), args)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("learning_rate: [1e-3,\nmax_steps: 2\n", r"bad.yaml, line 3, column 1: not valid YAML \(expected ',' or ']'"),
+    ("- a\n- b\n", r"must be a YAML mapping .* it holds list"),
+])
+def test_invalid_yaml_names_the_file_and_the_line(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(InputError, match=message):
+        parse_recipe_args(sft.make_parser(), ["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(InputError, match="Cannot read the config file .*missing.yaml"):
+        parse_recipe_args(sft.make_parser(), ["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("command", [["recipes/sft.py"], ["-m", "llmreg", "run", "sft"]])
+def test_bad_input_ends_in_one_line_without_a_traceback_before_any_model_loads(tmp_path, command):
+    # The lab model cache points at an empty directory: any model load would build it (minutes), so a quick exit
+    # shows that the error came first.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLMREG_CACHE": str(tmp_path / "empty-cache")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, *command, "--dataset_name", str(tmp_path / "missing"), "--max_step", "1"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error: Unknown option: --max_step (did you mean --max_steps" in lines[0], lines
+    assert not (tmp_path / "empty-cache").exists() and time.monotonic() - started < 120
 
 
 def test_missing_dataset_column_names_the_columns_and_the_formats(tmp_path, tiny_model_dir):
@@ -111,10 +157,13 @@ def test_check_dataset_columns_returns_the_matching_format():
 
 
 def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
-    script_args, *_ = parse_recipe_args(
-        sft.make_parser(), ["--model_name_or_path", tiny_model_dir, "--dataset_name", "llmreg/arithmetik"]
-    )
-    with pytest.raises(ValueError, match="llmreg/arithmetic"):
+    from trl import ScriptArguments
+
+    with pytest.raises(InputError, match="llmreg/arithmetic"):  # when parsed
+        parse_recipe_args(sft.make_parser(), ["--model_name_or_path", tiny_model_dir,
+                                              "--dataset_name", "llmreg/arithmetik"])
+    script_args = ScriptArguments(dataset_name="llmreg/arithmetik")
+    with pytest.raises(ValueError, match="llmreg/arithmetic"):  # and when loaded
         load_recipe_dataset(script_args, "train", model_name_or_path=tiny_model_dir)
 
 

@@ -7,11 +7,18 @@
                                     config's ρ) or ``booster_vaccine`` (both)
     align/<method>/log_history.json the alignment's logged metrics (loss; for Booster its harmful losses and gap)
     align/<method>/adapter          with LoRA, the alignment adapter itself (for a fine-tune that continues it)
+    align/<method>/eval/eval.json   the aligned model's harmful score (%) and fine-tune accuracy (%)
     finetune/<method>/p<p>/model    stage 2: the customer's fine-tune of it on n task samples, a share p harmful
-    finetune/<method>/p<p>/eval.json  stage 3: harmful score (%) and fine-tune accuracy (%)
+    finetune/<method>/p<p>/eval/eval.json  stage 3: harmful score (%) and fine-tune accuracy (%)
     results.json, results.csv, results.md, results.png (harmful score and accuracy against p, per method)
 
-Every artifact is written to a temporary name and renamed, and a rerun skips what exists. The harmful samples of the
+Each of ``align/<method>``, ``finetune/<method>/p<p>`` and their ``eval`` is a resumable stage (``llmreg.stages``):
+written under a temporary name and renamed when complete, with a record of the settings that made it (the alignment's
+and the fine-tune's training settings, λ, α, ρ as the method applies them, the adapter, the datasets' content, the
+evaluation's judge, scorer and length). A rerun skips a stage made with the same settings, and refuses one made with
+other settings, naming them (``overwrite`` deletes and recomputes it instead): results of old models are never
+reported under new settings. Changing only Booster's λ reuses the SFT and Vaccine stages, whose settings do not
+include it. The harmful samples of the
 fine-tune come from the harmful dataset's rows after those the alignment used, so the attack is not the alignment's
 own data. Stage 2 is a full fine-tune of the aligned model, or, when a ``peft_config`` is given, LoRA: as the paper's
 code does per method (``finetune_adapter="paper"``), Booster's customer fine-tune keeps training the alignment adapter
@@ -33,9 +40,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from llmreg.booster import BoosterConfig, BoosterTrainer
+from llmreg.errors import InputError
 from llmreg.ftaas.judges import check_harmful_judge, make_harmful_judge
 from llmreg.lab import generate_completions, is_harmful, sentiment_accuracy
 from llmreg.lab.arithmetic import completion_text
+from llmreg.stages import RECORD, Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import (
     import_object,
     merge_saved_adapter,
@@ -115,6 +124,11 @@ class FTaaSArguments:
                           "continues it, SFT gets a fresh adapter on the merged model, as the paper's code), 'fresh' "
                           "or 'continue' for every method. Ignored without LoRA (a full fine-tune)."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete and recompute the stages in output_dir that were made with other settings (a rerun "
+                          "otherwise skips the stages made with the same settings and refuses the others)."},
+    )
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -153,46 +167,76 @@ class FTaaSPipeline:
         for method in args.methods:
             uses_booster, uses_vaccine = METHODS[method]
             if uses_booster and alignment_args.booster_lambda == 0:
-                raise ValueError(f"Method {method!r} needs booster_lambda > 0 (paper: 5); it is 0.")
+                raise InputError(f"Method {method!r} needs booster_lambda > 0 (paper: 5); it is 0.")
             if uses_vaccine and alignment_args.vaccine_rho == 0:
-                raise ValueError(f"Method {method!r} needs vaccine_rho > 0 (Vaccine: 2); it is 0. Set --vaccine_rho.")
+                raise InputError(f"Method {method!r} needs vaccine_rho > 0 (Vaccine: 2); it is 0. Set --vaccine_rho.")
         # The attack's harmful samples: rows the alignment stage's regularizer does not see.
         needed = round(max(args.harmful_ratios) * args.num_finetune_samples)
         if needed > len(harmful_dataset) // 2:
-            raise ValueError(f"The fine-tune needs {needed} harmful samples, but the harmful dataset has "
+            raise InputError(f"The fine-tune needs {needed} harmful samples, but the harmful dataset has "
                              f"{len(harmful_dataset)} rows: its second half is the attack's. Use a larger dataset or "
                              "a smaller num_finetune_samples × max(harmful_ratios).")
         half = len(harmful_dataset) // 2
         self.alignment_harmful = harmful_dataset.select(range(half))
         self.attack_harmful = harmful_dataset.select(range(half, len(harmful_dataset)))
+        self._digests = {}
 
-    def align(self, method: str) -> Path:
-        final = self.output_dir / "align" / method / "model"
-        if final.exists():
-            return final
+    def _peft_settings(self):
+        return None if self.peft_config is None else self.peft_config.to_dict()
+
+    def align_settings(self, method: str) -> dict:
+        """What makes ``align/<method>``: the base model, the alignment's training settings with λ and ρ as the
+        method applies them, the adapter, the data, the number of processes."""
         args = self.alignment_args
-        args.output_dir = str(final.parent / "train")
         lam, rho = args.booster_lambda, args.vaccine_rho
         uses_booster, uses_vaccine = METHODS[method]
         args.booster_lambda, args.vaccine_rho = (lam if uses_booster else 0.0), (rho if uses_vaccine else 0.0)
         try:
-            reset_accelerator_state()
-            trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
-                                     harmful_dataset=self.alignment_harmful,
-                                     peft_config=copy.deepcopy(self.peft_config))
-            trainer.train()
-            if self.state.is_main_process:  # the alignment's curves: loss, and Booster's harmful losses and gap
-                write_atomically(final.parent / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-            if self.peft_config is None:
-                save_trained_model(trainer, final)
-            else:  # the adapter itself (a customer fine-tune may continue it), and merged into the base
-                save_trained_model(trainer, final.parent / "adapter")
-                if self.state.is_main_process:
-                    merge_saved_adapter(final.parent / "adapter", final, trainer.processing_class)
-                self.state.wait_for_everyone()
+            training = training_settings(args)
         finally:
             args.booster_lambda, args.vaccine_rho = lam, rho
-        return final
+        if not uses_booster:  # α does nothing without λ: changing it keeps SFT's and Vaccine's alignments
+            training.pop("booster_alpha", None)
+        return {"stage": "align", "method": method, "base_model": self.base, "training": training,
+                "peft": self._peft_settings(), "num_processes": self.state.num_processes,
+                "data": {"alignment": self._digest(self.alignment_dataset),
+                         "harmful": self._digest(self.alignment_harmful)}}
+
+    def _digest(self, dataset) -> str:
+        key = id(dataset)
+        if key not in self._digests:
+            self._digests[key] = dataset_digest(dataset)
+        return self._digests[key]
+
+    def align(self, method: str) -> Path:
+        stage = Stage(self.output_dir / "align" / method, self.align_settings(method), overwrite=self.args.overwrite)
+        if stage.is_finished():
+            return stage.path / "model"
+        args = self.alignment_args
+        output_dir = args.output_dir
+        lam, rho = args.booster_lambda, args.vaccine_rho
+        uses_booster, uses_vaccine = METHODS[method]
+        args.booster_lambda, args.vaccine_rho = (lam if uses_booster else 0.0), (rho if uses_vaccine else 0.0)
+        try:
+            with stage.build() as work:
+                args.output_dir = str(work / "train")
+                reset_accelerator_state()
+                trainer = BoosterTrainer(self.base, args=args, train_dataset=self.alignment_dataset,
+                                         harmful_dataset=self.alignment_harmful,
+                                         peft_config=copy.deepcopy(self.peft_config))
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(work / "train"))
+                if self.state.is_main_process:  # the alignment's curves: loss, and Booster's harmful losses and gap
+                    write_atomically(work / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+                if self.peft_config is None:
+                    save_trained_model(trainer, work / "model")
+                else:  # the adapter itself (a customer fine-tune may continue it), and merged into the base
+                    save_trained_model(trainer, work / "adapter")
+                    if self.state.is_main_process:
+                        merge_saved_adapter(work / "adapter", work / "model", trainer.processing_class)
+                    self.state.wait_for_everyone()
+        finally:
+            args.booster_lambda, args.vaccine_rho, args.output_dir = lam, rho, output_dir
+        return stage.path / "model"
 
     def continues_adapter(self, method: str) -> bool:
         if self.peft_config is None:
@@ -211,15 +255,13 @@ class FTaaSPipeline:
             parts.append(self.attack_harmful.select(range(harmful)).select_columns(columns))
         return concatenate_datasets(parts).shuffle(seed=self.alignment_args.seed)
 
-    def finetune(self, method: str, ratio: float, aligned: Path) -> Path:
-        final = self.output_dir / "finetune" / method / f"p{ratio:g}" / "model"
-        if final.exists():
-            return final
+    def finetune(self, method: str, ratio: float) -> Path:
         a = self.alignment_args
+        aligned = self.output_dir / "align" / method
         # The stage-1 model is local: the base's hub revision does not apply to it.
         init_kwargs = {k: v for k, v in (a.model_init_kwargs or {}).items() if k != "revision"}
         continues = self.continues_adapter(method)
-        args = SFTConfig(output_dir=str(final.parent / "train"), learning_rate=self.args.finetune_learning_rate,
+        args = SFTConfig(output_dir="finetune", learning_rate=self.args.finetune_learning_rate,
                          num_train_epochs=self.args.finetune_epochs,
                          per_device_train_batch_size=self.args.finetune_batch_size, max_length=a.max_length,
                          use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
@@ -227,43 +269,61 @@ class FTaaSPipeline:
                          lr_scheduler_type="constant", weight_decay=a.weight_decay, disable_tqdm=a.disable_tqdm,
                          model_init_kwargs=None if continues else init_kwargs or None)
         data = self.customer_data(ratio)
-        reset_accelerator_state()
-        if continues:
-            adapter = aligned.parent / "adapter"
-            model = AutoPeftModelForCausalLM.from_pretrained(adapter, is_trainable=True, **init_kwargs)
-            trainer = SFTTrainer(model, args=args, train_dataset=data,
-                                 processing_class=AutoTokenizer.from_pretrained(adapter))
-        else:
-            trainer = SFTTrainer(str(aligned), args=args, train_dataset=data,
-                                 peft_config=copy.deepcopy(self.peft_config))
-        trainer.train()
-        save_whole_model(trainer, final, merge_adapter=self.peft_config is not None)
-        return final
+        settings = {"stage": "finetune", "aligned": self.align_settings(method), "harmful_ratio": ratio,
+                    "continues_alignment_adapter": continues, "training": training_settings(args),
+                    "peft": self._peft_settings(), "num_processes": self.state.num_processes,
+                    "data": dataset_digest(data)}
+        stage = Stage(self.output_dir / "finetune" / method / f"p{ratio:g}", settings, overwrite=self.args.overwrite)
+        if stage.is_finished():
+            return stage.path / "model"
+        with stage.build() as work:
+            args.output_dir = str(work / "train")
+            reset_accelerator_state()
+            if continues:
+                adapter = aligned / "adapter"
+                model = AutoPeftModelForCausalLM.from_pretrained(adapter, is_trainable=True, **init_kwargs)
+                trainer = SFTTrainer(model, args=args, train_dataset=data,
+                                     processing_class=AutoTokenizer.from_pretrained(adapter))
+            else:
+                trainer = SFTTrainer(str(aligned / "model"), args=args, train_dataset=data,
+                                     peft_config=copy.deepcopy(self.peft_config))
+            trainer.train()
+            save_whole_model(trainer, work / "model", merge_adapter=self.peft_config is not None)
+        return stage.path / "model"
 
     def evaluate(self, model_path: Path) -> dict:
-        """Harmful score (% of held-out harmful prompts answered harmfully) and fine-tune accuracy (%)."""
-        path = model_path.parent / "eval.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        result = None
-        if self.state.is_main_process:
-            with without_zero3():
-                model = AutoModelForCausalLM.from_pretrained(model_path).to(self.state.device)
-                tokenizer = AutoTokenizer.from_pretrained(model_path)
-                prompts = list(self.harmful_eval_prompts["prompt"])
-                answers = generate_completions(model, tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
-                                               desc="harmful prompts")
-                task = self.task_eval_dataset
-                task_answers = generate_completions(model, tokenizer, list(task["prompt"]),
-                                                    max_new_tokens=self.args.max_new_tokens, desc="task")
-            del model  # before a classifier judge loads
-            judge = make_harmful_judge(self.args.harmful_judge, self.args.harmful_label, self.args.harmful_threshold)
-            columns = {c: list(task[c]) for c in task.column_names if c not in ("prompt", "completion")}
-            result = {"harmful_score": 100.0 * sum(judge(prompts, answers)) / len(answers),
-                      "finetune_accuracy": float(import_object(self.args.task_scorer)(task_answers, **columns))}
-            write_atomically(path, json.dumps(result, indent=1))
-        self.state.wait_for_everyone()
-        return json.loads(path.read_text())
+        """Harmful score (% of held-out harmful prompts answered harmfully) and fine-tune accuracy (%), in the stage
+        ``<model's stage>/eval``."""
+        model_stage = json.loads((model_path.parent / RECORD).read_text())["settings"]
+        evaluation = {key: getattr(self.args, key) for key in ("harmful_judge", "harmful_label", "harmful_threshold",
+                                                                "task_scorer", "max_new_tokens")}
+        evaluation["data"] = {"harmful_prompts": self._digest(self.harmful_eval_prompts),
+                              "task": self._digest(self.task_eval_dataset)}
+        stage = Stage(model_path.parent / "eval", {"stage": "eval", "model": model_stage, "evaluation": evaluation},
+                      overwrite=self.args.overwrite)
+        if stage.is_finished():
+            return json.loads((stage.path / "eval.json").read_text())
+        with stage.build() as work:
+            if self.state.is_main_process:
+                write_atomically(work / "eval.json", json.dumps(self._scores(model_path), indent=1))
+        return json.loads((stage.path / "eval.json").read_text())
+
+    def _scores(self, model_path: Path) -> dict:
+        """Main process only: generate, judge and score."""
+        with without_zero3():
+            model = AutoModelForCausalLM.from_pretrained(model_path).to(self.state.device)
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            prompts = list(self.harmful_eval_prompts["prompt"])
+            answers = generate_completions(model, tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
+                                           desc="harmful prompts")
+            task = self.task_eval_dataset
+            task_answers = generate_completions(model, tokenizer, list(task["prompt"]),
+                                                max_new_tokens=self.args.max_new_tokens, desc="task")
+        del model  # before a classifier judge loads
+        judge = make_harmful_judge(self.args.harmful_judge, self.args.harmful_label, self.args.harmful_threshold)
+        columns = {c: list(task[c]) for c in task.column_names if c not in ("prompt", "completion")}
+        return {"harmful_score": 100.0 * sum(judge(prompts, answers)) / len(answers),
+                "finetune_accuracy": float(import_object(self.args.task_scorer)(task_answers, **columns))}
 
     def run(self) -> list[dict]:
         rows = []
@@ -271,7 +331,7 @@ class FTaaSPipeline:
             aligned = self.align(method)
             rows.append({"method": method, "harmful_ratio": None, "stage": "aligned", **self.evaluate(aligned)})
             for ratio in self.args.harmful_ratios:
-                tuned = self.finetune(method, ratio, aligned)
+                tuned = self.finetune(method, ratio)
                 rows.append({"method": method, "harmful_ratio": ratio, "stage": "fine-tuned",
                              **self.evaluate(tuned)})
         if self.state.is_main_process:

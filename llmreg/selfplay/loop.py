@@ -1,17 +1,24 @@
 """The self-play iteration loop: for t = 1..T, generate with π_t → judge → build pairs → train → save π_{t+1}.
 
-``run_selfplay`` drives ``RSPOTrainer`` (SPPO/RSPO) or ``SPINTrainer`` (SPIN/α-SPIN/fictitious play). All artifacts of
-iteration t live in ``<output_dir>/iter_<t>/`` and each is written atomically (to a temporary name, then renamed):
+``run_selfplay`` drives ``RSPOTrainer`` (SPPO/RSPO) or ``SPINTrainer`` (SPIN/α-SPIN/fictitious play). Each iteration
+is one resumable stage (``llmreg.stages``), ``<output_dir>/iter_<t>/``, built under ``iter_<t>.partial/`` and renamed
+when complete:
 
     generations.jsonl   K samples per prompt from π_t (token ids and text)
+    pairs.json          how many prompts gave a pair, and how many were dropped because their responses tie
     dataset/            the training pairs (``save_to_disk``); TRL's and llmreg's log-prob caches sit next to them
-    train/              the trainer's checkpoints (``save_steps``), so a crash mid-training resumes from the last one
+    train/              the trainer's checkpoints (``save_steps``) and its final ``trainer_state.json``
     model/              π_{t+1} (a LoRA adapter is merged into its base first)
     eval.json           win rate against the base model, mean response length, KL to the base, mean judge score
 
-A rerun of the same command skips every artifact that exists, so the loop resumes where it stopped. Generation is
-seeded per iteration and per batch, so a rerun writes the same samples. The base model is evaluated once
-(``<output_dir>/base/``); its samples on the training prompts are kept for RSPO's ``forward_kl_samples``.
+The base model's evaluation is the stage ``base/`` (with its evaluation samples, which every iterate is judged
+against), and the base model's samples of the training prompts, for RSPO's ``forward_kl_samples``, the stage
+``base_samples/``. Every stage records the run's settings (the method, the base model, the loop's and the trainer's
+settings; not ``iterations``, so that a finished run can be extended). A rerun of the same command skips the finished
+stages and continues an interrupted iteration where it stopped (each of its files is written atomically, and training
+resumes from the last complete checkpoint in ``train/``); a rerun with other settings is refused, naming them, before
+any model loads (``overwrite`` recomputes instead). Generation is seeded per iteration and per batch, so a rerun writes
+the same samples.
 
 Under several processes each rank generates its share of the prompts with a full copy of π_t (outside ZeRO-3), the
 main process judges and writes, and training runs on all ranks with the launch's accelerate configuration.
@@ -28,12 +35,14 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset, concatenate_datasets, load_from_disk
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.selfplay.generation import completion_logps, sample_completions, sample_completions_vllm
 from llmreg.selfplay.judges import make_judge, pair_from_preferences
 from llmreg.spin import SPINConfig, SPINTrainer
+from llmreg.stages import PARTIAL_SUFFIX, Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import (
     check_dataset_columns,
     replace_directory,
@@ -45,14 +54,10 @@ from llmreg.trainer_utils import (
 
 logger = logging.getLogger(__name__)
 
-# The settings that shape a run's artifacts; a rerun into the same output directory must keep them (see
-# ``SelfPlayLoop._check_settings``). ``iterations`` may grow, so that a finished run can be extended.
-TRAINING_SETTINGS = {
-    "rspo": ("beta", "sppo_variant", "regularizers", "is_clip"),
-    "spin": ("beta", "loss_type", "alpha", "opponent_mixture"),
-}
-SHARED_TRAINING_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                            "gradient_accumulation_steps", "max_length", "seed")
+# Loop arguments that do not change what a stage holds: ``iterations`` may grow, so that a finished run can be
+# extended. Trainer fields the loop sets per iteration are not settings either.
+NOT_RUN_SETTINGS = ("iterations", "overwrite")
+PER_ITERATION_FIELDS = ("base_model_name_or_path", "history_models")
 
 
 @dataclass
@@ -100,6 +105,11 @@ class SelfPlayArguments:
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Length limit of the evaluation responses (None: max_new_tokens)."}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete and recompute the stages in output_dir that were made with other settings (a rerun "
+                          "otherwise skips the stages made with the same settings and refuses the others)."},
+    )
 
     def __post_init__(self):
         if self.iterations < 1 or self.num_samples < 1 or self.history < 1:
@@ -107,22 +117,6 @@ class SelfPlayArguments:
         if self.num_eval_prompts < 1 or self.eval_temperature <= 0:
             raise ValueError("num_eval_prompts must be >= 1 (the loop's results are its evaluations) and "
                              "eval_temperature > 0 (the KL estimate needs samples).")
-
-
-def last_complete_checkpoint(directory: Path) -> str | None:
-    """The newest ``checkpoint-N`` the Trainer finished writing, or None.
-
-    The Trainer writes a checkpoint's files one after the other and ``trainer_state.json`` last; a process killed
-    in between leaves a checkpoint without it (or with it cut short), which ``get_last_checkpoint`` would pick.
-    """
-    steps = []
-    for checkpoint in directory.glob("checkpoint-*") if directory.is_dir() else []:
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        steps.append((int(checkpoint.name.rpartition("-")[2]), checkpoint))
-    return str(max(steps)[1]) if steps else None
 
 
 def _assistant(prompt, text: str):
@@ -158,36 +152,31 @@ class SelfPlayLoop:
         self.state = PartialState()
         self.judge = make_judge(loop_args.judge, loop_args.judge_temperature) if self.state.is_main_process else None
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self._check_settings()
+        self.settings = self._run_settings()
+        # Refuse a rerun with other settings now, before any model loads: every stage on disk is checked.
+        for t in range(1, max(loop_args.iterations, self._last_iteration_on_disk()) + 1):
+            self._stage(f"iter_{t}").is_finished()
+        self._stage("base").is_finished()
+        self._stage("base_samples").is_finished()
 
-    def _check_settings(self) -> None:
-        """Record the run's settings; refuse a rerun into the same directory with other settings.
+    def _run_settings(self) -> dict:
+        """What every stage of the run records: a rerun must have the same (``iterations`` aside)."""
+        training = training_settings(self.training_args)
+        for key in PER_ITERATION_FIELDS:
+            training.pop(key, None)
+        loop = {key: value for key, value in vars(self.args).items() if key not in NOT_RUN_SETTINGS}
+        return {"method": self.method, "base_model": self.base, "loop": loop, "training": training,
+                "peft": None if self.peft_config is None else self.peft_config.to_dict(),
+                "num_processes": self.state.num_processes,
+                "data": {"prompts": dataset_digest(self.prompts), "eval_prompts": dataset_digest(self.eval_prompts)}}
 
-        A rerun skips every artifact that exists, so new settings would silently apply to some iterations only.
-        """
-        loop = {key: value for key, value in vars(self.args).items() if key != "iterations"}
-        training = {key: getattr(self.training_args, key)
-                    for key in (*TRAINING_SETTINGS[self.method], *SHARED_TRAINING_SETTINGS)}
-        settings = json.loads(json.dumps({"method": self.method, "base_model": self.base, **loop, **training},
-                                         default=str))
-        path = self.output_dir / "selfplay_settings.json"
-        if path.exists():
-            recorded = json.loads(path.read_text())
-            changed = {key: (recorded.get(key), value) for key, value in settings.items()
-                       if recorded.get(key) != value}
-            if changed:
-                details = ", ".join(f"{key}: {old!r} → {new!r}" for key, (old, new) in changed.items())
-                raise ValueError(
-                    f"{self.output_dir} holds a self-play run with other settings ({details}). A rerun resumes that "
-                    "run and would mix its artifacts with the new settings: pass a new --output_dir, delete this one "
-                    "to start over, or rerun with the recorded settings (see selfplay_settings.json). To continue "
-                    "from one of its iterates with new settings, start a new run from it (--model_name_or_path "
-                    f"{self.output_dir}/iter_<t>/model)."
-                )
-        elif self.state.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, json.dumps(settings, indent=1))
-        self.state.wait_for_everyone()
+    def _stage(self, name: str) -> Stage:
+        return Stage(self.output_dir / name, {"stage": name, **self.settings}, overwrite=self.args.overwrite)
+
+    def _last_iteration_on_disk(self) -> int:
+        found = [int(path.name.removeprefix("iter_").removesuffix(PARTIAL_SUFFIX))
+                 for path in self.output_dir.glob("iter_*") if path.is_dir()]
+        return max(found, default=0)
 
     # --- paths -------------------------------------------------------------------------------------------------------
     def iteration_dir(self, t: int) -> Path:
@@ -216,12 +205,12 @@ class SelfPlayLoop:
             dtype = (self.training_args.model_init_kwargs or {}).get("dtype", "auto")
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.state.device)
             local = []
-            for start in starts:
+            # One bar for the phase (this rank's batches; the main process's is shown).
+            for start in tqdm(starts, desc=desc, unit="batch", disable=not self.state.is_main_process):
                 group = sample_completions(model, self.tokenizer, prompts[start:start + batch],
                                            num_samples=num_samples, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=top_p, batch_size=batch,
-                                           seed=seed + start, desc=f"{desc} (batch {start // batch + 1})",
-                                           show_progress=self.state.is_main_process)
+                                           seed=seed + start, show_progress=False)
                 local.append((start, group))
             del model
         gathered = sorted(gather_object(local), key=lambda item: item[0])
@@ -249,9 +238,18 @@ class SelfPlayLoop:
         indices = [(start + i) % len(self.prompts) for i in range(size)]
         return self.prompts.select(indices)
 
-    def _build_dataset(self, t: int) -> Path:
-        """Pairs of iteration t, written to ``iter_t/dataset``."""
-        directory = self.iteration_dir(t)
+    def _base_samples(self) -> list[list[dict]]:
+        """The base model's sample of every training prompt (the stage ``base_samples``): μ is fixed, so its samples
+        are drawn once and reused by every iteration."""
+        stage = self._stage("base_samples")
+        if not stage.is_finished():
+            with stage.build() as work:
+                self._samples(work / "samples.jsonl", self.base, list(self.prompts["prompt"]), 1,
+                              self.args.temperature, self.training_args.seed + 1, "base model: sampling")
+        return [json.loads(line) for line in (stage.path / "samples.jsonl").read_text().splitlines()]
+
+    def _build_dataset(self, t: int, directory: Path) -> Path:
+        """Pairs of iteration t, written to ``dataset`` in the iteration's working ``directory``."""
         dataset_dir = directory / "dataset"
         if dataset_dir.exists():
             return dataset_dir
@@ -262,10 +260,7 @@ class SelfPlayLoop:
                                 self.args.temperature, self.training_args.seed + 7919 * t, f"iteration {t}: sampling")
         base_samples = None
         if self.method == "rspo" and "forward_kl_samples" in self.training_args.regularizers:
-            # μ is fixed, so its samples of each prompt are drawn once and reused by every iteration.
-            all_base = self._samples(self.output_dir / "base" / "samples.jsonl", self.base,
-                                     list(self.prompts["prompt"]), 1, self.args.temperature,
-                                     self.training_args.seed + 1, "base model: sampling")
+            all_base = self._base_samples()
             index_of = {json.dumps(p): i for i, p in enumerate(self.prompts["prompt"])}
             base_samples = [all_base[index_of[json.dumps(p)]][0]["text"] for p in prompts]
         if self.state.is_main_process:
@@ -306,19 +301,18 @@ class SelfPlayLoop:
         self.state.wait_for_everyone()
         return dataset_dir
 
-    def _training_dataset(self, t: int) -> Dataset:
-        datasets = [load_from_disk(self._build_dataset(t))]
+    def _training_dataset(self, t: int, directory: Path) -> Dataset:
+        datasets = [load_from_disk(self._build_dataset(t, directory))]
         if self.method == "spin" and self.training_args.opponent_mixture == "data":
             # Fictitious play in the data: negatives of the last h generators, scored against π_t.
             datasets += [load_from_disk(self.iteration_dir(s) / "dataset")
                          for s in range(max(1, t - self.args.history + 1), t)]
         return concatenate_datasets(datasets) if len(datasets) > 1 else datasets[0]
 
-    def _train(self, t: int) -> None:
-        directory = self.iteration_dir(t)
+    def _train(self, t: int, directory: Path) -> None:
         if (directory / "model").exists():
             return
-        dataset = self._training_dataset(t)
+        dataset = self._training_dataset(t, directory)
         args = self.training_args
         args.output_dir = str(directory / "train")
         args.base_model_name_or_path = None if t == 1 else self.base  # at t = 1, π_t is the base
@@ -327,7 +321,7 @@ class SelfPlayLoop:
             args.history_models = [self.model_path(s) for s in range(t - 1, max(0, t - self.args.history), -1)]
         trainer = trainer_class(self.model_path(t), args=args, train_dataset=dataset,
                                 processing_class=self.tokenizer, peft_config=self.peft_config)
-        trainer.train(resume_from_checkpoint=last_complete_checkpoint(Path(args.output_dir)))
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(directory / "train"))
         trainer.save_state()  # iter_<t>/train/trainer_state.json: the curves llmreg report and llmreg ablate read
         # π_{t+1} is a whole model (a LoRA adapter merged into π_t), so the next iteration starts from it.
         save_whole_model(trainer, directory / "model", merge_adapter=self.peft_config is not None)
@@ -349,9 +343,9 @@ class SelfPlayLoop:
         seed = self.training_args.seed + 104729  # the same seed for every model: paired comparisons
         samples = self._samples(directory / "eval_samples.jsonl", model_path, prompts, 1, args.eval_temperature, seed,
                                 f"{name}: evaluation samples", args.eval_max_new_tokens, top_p=1.0)
-        base_samples = self._samples(self.output_dir / "base" / "eval_samples.jsonl", self.base, prompts, 1,
-                                     args.eval_temperature, seed, "base model: evaluation samples",
-                                     args.eval_max_new_tokens, top_p=1.0)
+        # Against the base model's samples, from the finished stage base/ (the base's own are its samples).
+        base_samples = samples if name == "base" else [
+            json.loads(line) for line in (self.output_dir / "base" / "eval_samples.jsonl").read_text().splitlines()]
         result = None
         if self.state.is_main_process:
             columns = {key: list(self.eval_prompts[key]) for key in self.eval_prompts.column_names}
@@ -380,20 +374,29 @@ class SelfPlayLoop:
 
         ``report``, if given, is called on the main process with each row as soon as it exists.
         """
-        results = [self._evaluate("base", self.base, self.output_dir / "base")]
+        base = self._stage("base")
+        if not base.is_finished():
+            with base.build() as work:
+                self._evaluate("base", self.base, work)
+        results = [json.loads((base.path / "eval.json").read_text())]
         for t in range(self.args.iterations + 1):
             if t > 0:
-                self._train(t)
-                pairs = self.iteration_dir(t) / "pairs.json"  # absent in runs of llmreg versions before it
-                results.append({**self._evaluate(f"iter_{t}", str(self.iteration_dir(t) / "model"),
-                                                 self.iteration_dir(t)),
-                                **(json.loads(pairs.read_text()) if pairs.exists() else {})})
+                stage = self._stage(f"iter_{t}")
+                if not stage.is_finished():
+                    with stage.build() as work:
+                        self._build_dataset(t, work)
+                        self._train(t, work)
+                        self._evaluate(f"iter_{t}", str(work / "model"), work)
+                results.append({**json.loads((stage.path / "eval.json").read_text()),
+                                **json.loads((stage.path / "pairs.json").read_text())})
             logger.info(format_row(results[-1]))
             if report is not None and self.state.is_main_process:
                 report(results[-1])
         if self.state.is_main_process:
             write_atomically(self.output_dir / "summary.json", json.dumps(results, indent=1))
             write_atomically(self.output_dir / "summary.md", summary_table(results))
+            # What the run was made with, for readers (llmreg report); every stage's record holds it too.
+            write_atomically(self.output_dir / "selfplay_settings.json", json.dumps(self.settings, indent=1))
         self.state.wait_for_everyone()
         return results
 
