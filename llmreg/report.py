@@ -6,10 +6,14 @@ A run directory is a recipe's ``output_dir``. What a run logged lives there, in 
 - ``*_results.json`` / ``all_results.json`` (``save_metrics``: the final numbers, and the recipe's own summary, such
   as held-out accuracy) and ``eval.json`` (a stage's evaluation: a self-play iteration's win rate, an unlearned
   model's forget quality), flat mappings of numbers;
-- ``llmreg_run.yaml`` (written by ``llmreg run`` and ``llmreg ablate``): the settings it ran with.
+- ``llmreg_run.yaml`` (written by ``llmreg run`` and ``llmreg ablate``): the settings it ran with; else the settings
+  a multi-stage run records itself (``selfplay_settings.json``; the ``settings`` of the FTaaS ``results.json`` and
+  of ``unlearn_results.json``);
+- a multi-stage run's summary: the self-play loop's ``summary.json`` (one row per iterate: win rate, KL to the base,
+  length) and the FTaaS pipeline's ``results.json`` rows (harmful score and accuracy per method and p).
 
-``write_report`` turns these into ``report.md``: the settings, the final and best value of every metric, and one PNG
-curve per metric (under ``report_plots/``).
+``write_report`` turns these into ``report.md``: the settings, the summary (a table, and a plot across iterations or
+harmful ratios), the final and best value of every metric, and one PNG curve per metric (under ``report_plots/``).
 """
 
 import json
@@ -159,6 +163,60 @@ def plot_curves(series: dict[str, dict[str, list[tuple[int, float]]]], directory
     return files
 
 
+# Settings a multi-stage run records itself, when it was not launched through llmreg: file, and the key holding them.
+SETTINGS_RECORDS = (("selfplay_settings.json", None), ("results.json", "settings"),
+                    ("unlearn_results.json", "settings"))
+
+
+def recorded_settings(run_dir: Path) -> tuple[str, dict] | None:
+    """(where they were read, the settings) of a run, or None."""
+    from llmreg.launch import RUN_RECORD
+
+    if (run_dir / RUN_RECORD).is_file():
+        return RUN_RECORD, yaml.safe_load((run_dir / RUN_RECORD).read_text())["settings"]
+    for name, key in SETTINGS_RECORDS:
+        path = run_dir / name
+        if path.is_file():
+            content = json.loads(path.read_text())
+            if isinstance(content, dict) and (key is None or isinstance(content.get(key), dict)):
+                return name, content if key is None else content[key]
+    return None
+
+
+def summary_section(run_dir: Path) -> list[str]:
+    """The self-play loop's per-iterate rows, or the FTaaS pipeline's per-method-and-p rows: a table and a plot."""
+    from matplotlib.figure import Figure  # the object API: no pyplot, no display backend
+
+    selfplay, ftaas = run_dir / "summary.json", run_dir / "results.json"
+    if selfplay.is_file():
+        rows = json.loads(selfplay.read_text())
+        columns = [("win_rate_vs_base", "win rate vs base (%)"), ("kl_to_base", "KL to base (nats)"),
+                   ("mean_length", "mean length (tokens)")]
+        lines = ["## Per iteration", "", "| model | " + " | ".join(label for _, label in columns) + " |",
+                 "|---|" + "---:|" * len(columns)]
+        lines += ["| " + " | ".join([row["model"], *(format_number(row[key]) for key, _ in columns)]) + " |"
+                  for row in rows]
+        figure = Figure(figsize=(4 * len(columns), 3.4), layout="constrained")
+        for axes, (key, label) in zip(figure.subplots(1, len(columns)), columns, strict=True):
+            axes.plot(range(len(rows)), [row[key] for row in rows], marker="o")
+            axes.set(xlabel="iteration (0: the base model)", ylabel=label, xticks=range(len(rows)))
+            axes.grid(alpha=0.3)
+        (run_dir / "report_plots").mkdir(exist_ok=True)
+        figure.savefig(run_dir / "report_plots" / "iterations.png", dpi=100)
+        return [*lines, "", "![iterations](report_plots/iterations.png)", ""]
+    if ftaas.is_file() and "rows" in (content := json.loads(ftaas.read_text())):
+        lines = ["## Harm after the customer's fine-tune", "",
+                 "| method | stage | harmful ratio p | harmful score (%) | fine-tune accuracy (%) |",
+                 "|---|---|---:|---:|---:|"]
+        for row in content["rows"]:
+            ratio = "—" if row["harmful_ratio"] is None else f"{row['harmful_ratio']:g}"
+            lines.append(f"| {row['method']} | {row['stage']} | {ratio} | {format_number(row['harmful_score'])} | "
+                         f"{format_number(row['finetune_accuracy'])} |")
+        plot = ["", "![results](results.png)"] if (run_dir / "results.png").is_file() else []
+        return [*lines, *plot, ""]
+    return []
+
+
 def write_report(run_dir: Path) -> Path:
     """``RUN_DIR/report.md``: settings, final and best values, one curve per metric. Returns its path."""
     from llmreg.launch import RUN_RECORD
@@ -167,19 +225,26 @@ def write_report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a directory: give a recipe's output_dir.")
     metrics = run_metrics(run_dir)
-    if not metrics:
+    summary = summary_section(run_dir)
+    if not metrics and not summary:
         raise ValueError(f"{run_dir} holds no trainer_state.json or *_results.json: nothing was logged there yet "
                          "(give a recipe's output_dir, after training has logged or saved).")
     lines = [f"# Report: {run_dir.resolve().name}", ""]
     record = run_dir / RUN_RECORD
+    settings = recorded_settings(run_dir)
     if record.is_file():
         run = yaml.safe_load(record.read_text())
         lines += [f"Method: `{run['method']}`", "", "Launched with:", "", "```", " ".join(run["command"]), "```", "",
                   "## Settings", "", "Every key not at its dataclass default (recipe default, YAML or command line):",
                   "", "```yaml", yaml.safe_dump(run["settings"], sort_keys=True, allow_unicode=True).rstrip(), "```",
                   ""]
+    elif settings is not None:
+        source, values = settings
+        lines += ["## Settings", "", f"As the run recorded them ({source}):", "", "```yaml",
+                  yaml.safe_dump(values, sort_keys=True, allow_unicode=True).rstrip(), "```", ""]
     else:
         lines += ["## Settings", "", f"Not recorded: {RUN_RECORD} is written by `llmreg run` and `llmreg ablate`.", ""]
+    lines += summary
 
     lines += ["## Results", "", "| metric | final | best |", "|---|---:|---:|"]
     for name, value in sorted(metrics.items()):
