@@ -20,20 +20,20 @@ file's keys, then ``settings``, then the grid point, the seed and the output_dir
 launches each through ``accelerate launch``, so the settings may hold launch options (``accelerate_config: zero3``,
 ``num_processes``) and a run that crashes its process does not stop the sweep.
 
-A finished run leaves ``llmreg_done.json``; a rerun skips it unless its settings changed, so a killed sweep picks up
-where it stopped (a run cut mid-way restarts from its beginning). At the end, ``results.{md,csv,json}`` hold each
-configuration's final and best metrics, mean ± std over the seeds, and ``plots/`` one PNG per metric, with a curve per
-configuration (mean over seeds).
+Each run is a resumable stage (``llmreg.stages``): it runs in ``<name>.partial/`` and is renamed to ``<name>/`` when
+it finishes, with a record of its config. A rerun of the sweep skips the finished runs, continues a run cut mid-way in
+its ``.partial`` directory (the recipe resumes from its last checkpoint or stage), retries a failed one, and refuses,
+before anything runs, a run whose settings changed, naming them (``--overwrite`` deletes and reruns it). At the end,
+``results.{md,csv,json}`` hold each configuration's final and best metrics, mean ± std over the seeds, and ``plots/``
+one PNG per metric, with a curve per configuration (mean over seeds).
 """
 
 import csv
 import gc
-import hashlib
 import itertools
 import json
 import logging
 import re
-import shutil
 import statistics
 import time
 import traceback
@@ -45,6 +45,7 @@ import yaml
 
 from llmreg.launch import RECIPES_DIR, recipe_names, run_recipe
 from llmreg.report import curves, final_results, format_number, metric_goal, plot_curves, run_metrics
+from llmreg.stages import Stage
 
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 SWEEP_KEYS = {"output_dir", "launch", "seeds", "metrics", "experiments"}
 EXPERIMENT_KEYS = {"method", "config", "settings", "grid", "name"}
 LAUNCH_MODES = ("sequential", "separate")
-DONE = "llmreg_done.json"
 RUN_CONFIG = "sweep_config.yaml"
 
 
@@ -69,12 +69,13 @@ class SweepRun:
     def label(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.configuration.items())
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def stage(self, overwrite: bool = False) -> Stage:
+        """The run's directory as a stage: its settings are its method and config (the output_dir aside)."""
+        config = {key: value for key, value in self.config.items() if key != "output_dir"}
+        return Stage(self.output_dir, {"method": self.method, "config": config}, overwrite=overwrite)
 
     def is_done(self) -> bool:
-        done = self.output_dir / DONE
-        return done.is_file() and json.loads(done.read_text()).get("fingerprint") == self.fingerprint()
+        return self.stage().is_finished()
 
 
 @dataclass
@@ -183,7 +184,7 @@ def load_sweep(path: Path) -> Sweep:
     return sweep
 
 
-def run_in_process(run: SweepRun, config_file: Path) -> None:
+def run_in_process(run: SweepRun, config_file: Path, output_dir: Path) -> None:
     import importlib
 
     from llmreg.launch import parse_recipe_command_line, recipe_path, write_run_record
@@ -192,8 +193,8 @@ def run_in_process(run: SweepRun, config_file: Path) -> None:
 
     argv = ["--config", str(config_file)]
     _, launch, settings = parse_recipe_command_line(run.method, argv)
-    write_run_record(run.output_dir, run.method, ["(in the llmreg ablate process)", str(recipe_path(run.method)),
-                                                  *argv], launch, settings)
+    write_run_record(output_dir, run.method, ["(in the llmreg ablate process)", str(recipe_path(run.method)),
+                                              *argv], launch, settings)
     reset_accelerator_state()
     recipe = importlib.import_module(f"llmreg.recipes.{run.method}")
     try:
@@ -204,40 +205,48 @@ def run_in_process(run: SweepRun, config_file: Path) -> None:
             torch.cuda.empty_cache()
 
 
-def execute(sweep: Sweep) -> dict[str, str]:
+class _RunFailed(Exception):
+    """A run ended without finishing: its stage stays unfinished."""
+
+
+def execute(sweep: Sweep, overwrite: bool = False) -> dict[str, str]:
     """Run every run not done yet; returns each run's status: ``done`` (earlier), ``finished``, ``failed``."""
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    stages = [run.stage(overwrite) for run in sweep.runs]
+    done = [stage.is_finished() for stage in stages]  # a run with changed settings is refused here, before any runs
     status = {}
-    for index, run in enumerate(sweep.runs, start=1):
-        if run.is_done():
+    for index, (run, stage, finished) in enumerate(zip(sweep.runs, stages, done, strict=True), start=1):
+        if finished:
             logger.info("[%d/%d] %s: finished earlier, skipped", index, len(sweep.runs), run.name)
             status[run.name] = "done"
             continue
-        if run.output_dir.exists():  # a run cut short (or with changed settings) starts over
-            shutil.rmtree(run.output_dir)
-        run.output_dir.mkdir(parents=True)
-        config_file = run.output_dir / RUN_CONFIG
-        config_file.write_text(yaml.safe_dump(run.config, sort_keys=False, allow_unicode=True))
-        logger.info("[%d/%d] %s: running", index, len(sweep.runs), run.name)
+        continuing = stage.partial.exists()
+        logger.info("[%d/%d] %s: %s", index, len(sweep.runs), run.name,
+                    f"continuing in {stage.partial}" if continuing else "running")
         start = time.perf_counter()
         try:
-            if sweep.launch == "sequential":
-                run_in_process(run, config_file)
-                returncode = 0
-            else:
-                returncode = run_recipe(run.method, ["--config", str(config_file)],
-                                        log_file=run.output_dir / "launch.log")
-        except Exception:  # noqa: BLE001 - recorded, and the sweep goes on (an interrupt stops it)
-            (run.output_dir / "error.txt").write_text(traceback.format_exc())
-            returncode = 1
-        seconds = round(time.perf_counter() - start, 1)
-        if returncode == 0:
-            (run.output_dir / DONE).write_text(json.dumps({"fingerprint": run.fingerprint(), "seconds": seconds}))
+            with stage.build() as work:
+                config_file = work / RUN_CONFIG
+                config_file.write_text(yaml.safe_dump({**run.config, "output_dir": str(work)}, sort_keys=False,
+                                                      allow_unicode=True))
+                (work / "error.txt").unlink(missing_ok=True)
+                try:
+                    if sweep.launch == "sequential":
+                        run_in_process(run, config_file, work)
+                        returncode = 0
+                    else:
+                        returncode = run_recipe(run.method, ["--config", str(config_file)],
+                                                log_file=work / "launch.log")
+                except Exception:  # noqa: BLE001 - recorded, and the sweep goes on (an interrupt stops it)
+                    (work / "error.txt").write_text(traceback.format_exc())
+                    returncode = 1
+                if returncode != 0:
+                    raise _RunFailed
             status[run.name] = "finished"
-        else:
-            error = run.output_dir / "error.txt"
-            logger.error("%s failed after %s s: see %s", run.name, seconds,
-                         error if error.is_file() else run.output_dir / "launch.log")
+        except _RunFailed:
+            error = stage.partial / "error.txt"
+            logger.error("%s failed after %.1f s: see %s", run.name, time.perf_counter() - start,
+                         error if error.is_file() else stage.partial / "launch.log")
             status[run.name] = "failed"
     return status
 
@@ -332,15 +341,16 @@ def sweep_curves(sweep: Sweep) -> dict[str, dict[str, list[tuple[int, float]]]]:
     return series
 
 
-def ablate(path: Path, *, dry_run: bool = False) -> int:
+def ablate(path: Path, *, dry_run: bool = False, overwrite: bool = False) -> int:
     """Load, run what is not done, write the results; returns 0 when every run finished."""
     sweep = load_sweep(path)
     if dry_run:
         for run in sweep.runs:
-            state = "done" if run.is_done() else "to run"
+            stage = run.stage()
+            state = "done" if stage.is_finished() else "partial" if stage.partial.exists() else "to run"
             logger.info("%-8s %s  %s", state, run.name, json.dumps(run.config))
         return 0
-    status = execute(sweep)
+    status = execute(sweep, overwrite)
     files = write_results(sweep, status)
     logger.info("Results: %s", ", ".join(str(file) for file in files[:3]))
     return 0 if all(state != "failed" for state in status.values()) else 1

@@ -77,7 +77,7 @@ def _accelerate_default(args) -> int:
 def _ablate(args) -> int:
     from llmreg.ablate import ablate
 
-    return ablate(Path(args.sweep), dry_run=args.dry_run)
+    return ablate(Path(args.sweep), dry_run=args.dry_run, overwrite=args.overwrite)
 
 
 def _report(args) -> int:
@@ -258,6 +258,8 @@ def make_parser() -> argparse.ArgumentParser:
     ablate = _subcommand(commands, "ablate", "run a sweep (methods x hyperparameters x seeds) and table it", _ablate)
     ablate.add_argument("sweep", help="a sweep YAML (see recipes/sweeps/ and docs/ablations.md)")
     ablate.add_argument("--dry_run", action="store_true", help="list the runs and whether each is done; run nothing")
+    ablate.add_argument("--overwrite", action="store_true",
+                        help="rerun the runs whose settings changed (a rerun otherwise refuses them)")
     report = _subcommand(commands, "report", "write a run's report: settings, curves, final table", _report)
     report.add_argument("run_dir", help="a recipe's output_dir")
 
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as error:  # bad input: the message says what and how to fix it
         parser.exit(2, f"llmreg {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"llmreg {args.command}: interrupted. What finished is kept (and an interrupted run's "
+                         "checkpoints, in its .partial directory); rerun the same command to continue.\n")
 
 
 if __name__ == "__main__":

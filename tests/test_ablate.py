@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmreg.ablate import DONE, aggregate, load_sweep, write_results
+from llmreg.ablate import aggregate, load_sweep, write_results
 from llmreg.report import run_metrics, write_report
+from llmreg.stages import RECORD
 
 
 REPO = Path(__file__).parents[1]
@@ -92,7 +93,7 @@ def test_the_rpg_variants_sweep_is_four_divergences_by_two_estimators_by_two_see
 # --- the table, from logs written by hand ----------------------------------------------------------------------------
 
 def fake_run(run_dir: Path, losses: list[float], accuracy: float) -> None:
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     history = [{"step": step, "loss": loss, "learning_rate": 0.1, "reward_std": 1.0}
                for step, loss in enumerate(losses, start=1)]
     (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
@@ -106,8 +107,8 @@ def test_the_table_holds_final_and_best_mean_and_std_over_seeds(tmp_path):
     logs = {(0.1, 0): ([0.9, 0.4, 0.5], 10.0), (0.1, 1): ([0.8, 0.6, 0.7], 20.0),
             (0.2, 0): ([0.9, 1.0], 30.0), (0.2, 1): ([0.9, 1.0], 30.0)}
     for run in sweep.runs:
-        fake_run(run.output_dir, *logs[(run.config["learning_rate"], run.seed)])
-        (run.output_dir / DONE).write_text(json.dumps({"fingerprint": run.fingerprint()}))
+        with run.stage().build() as work:  # finished, as a run leaves it
+            fake_run(work, *logs[(run.config["learning_rate"], run.seed)])
     _, table = aggregate(sweep)
     by_lr = {entry["learning_rate"]: entry["metrics"] for entry in table}
     assert by_lr[0.1]["loss (final)"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1414213562), "n": 2}
@@ -148,6 +149,11 @@ def test_the_report_reads_every_stage_and_a_killed_stages_last_checkpoint(tmp_pa
 
 # --- a real sweep: killed, rerun, resumed ----------------------------------------------------------------------------
 
+def finished_runs(out: Path) -> list[Path]:
+    """The records of the finished runs (an unfinished one is still named <run>.partial)."""
+    return [record for record in out.glob(f"*/{RECORD}") if not record.parent.name.endswith(".partial")]
+
+
 TINY_RPG = {"max_steps": 2, "logging_steps": 1, "per_device_train_batch_size": 8, "num_generations": 4,
             "max_completion_length": 8, "rpg_beta": 0.05}
 
@@ -163,20 +169,30 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(lab_model_dir, tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list(out.glob(f"*/{DONE}")) and first.poll() is None and time.monotonic() < deadline:
+    while not finished_runs(out) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()
     finished = {done.parent.name: (done.stat().st_mtime_ns, (done.parent / "model.safetensors").stat().st_mtime_ns)
-                for done in out.glob(f"*/{DONE}")}
+                for done in finished_runs(out)}
     assert 1 <= len(finished) < 4, "the kill should land after the first run and before the last"
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("finished earlier, skipped") == len(finished)
     for name, times in finished.items():  # the finished runs were not redone
-        assert ((out / name / DONE).stat().st_mtime_ns, (out / name / "model.safetensors").stat().st_mtime_ns) == times
-    assert len(list(out.glob(f"*/{DONE}"))) == 4
+        assert ((out / name / RECORD).stat().st_mtime_ns,
+                (out / name / "model.safetensors").stat().st_mtime_ns) == times
+    assert len(finished_runs(out)) == 4 and not list(out.glob("*.partial"))
+
+    # A rerun with a changed setting is refused before anything runs, naming the setting; --overwrite reruns.
+    changed = yaml.safe_load(path.read_text())
+    changed["experiments"][0]["settings"]["rpg_beta"] = 0.5
+    path.write_text(yaml.safe_dump(changed))
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert refused.returncode == 2 and "config.rpg_beta: 0.05 recorded, 0.5 now" in refused.stderr
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(finished_runs(out)) == 4  # nothing deleted
 
     table = {row["divergence"]: row for row in json.loads((out / "results.json").read_text())["table"]}
     for divergence in ("fkl", "urkl"):
@@ -196,8 +212,8 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
 
     path = write_sweep(tmp_path, {"experiments": [{"method": "rpg", "grid": {"divergence": ["kl"]}}]})
     assert main(["ablate", str(path)]) == 1
-    run = tmp_path / "sweep" / "rpg-divergence=kl-seed0"
-    assert "divergence" in (run / "error.txt").read_text() and not (run / DONE).exists()
+    run = tmp_path / "sweep" / "rpg-divergence=kl-seed0.partial"  # unfinished: a rerun retries it
+    assert "divergence" in (run / "error.txt").read_text() and not (tmp_path / "sweep" / run.stem).exists()
     assert "Failed: rpg-divergence=kl-seed0" in (tmp_path / "sweep" / "results.md").read_text()
 
 
@@ -213,10 +229,10 @@ def test_separate_launches_run_each_recipe_through_accelerate_with_its_launch_op
 
     assert ablate(path) == 1
     good, bad = tmp_path / "sweep" / "sft-lr_scheduler_type=constant-seed0", tmp_path / "sweep" / (
-        "sft-lr_scheduler_type=no-such-schedule-seed0")
-    assert (good / DONE).is_file() and "train_runtime" in (good / "launch.log").read_text()
+        "sft-lr_scheduler_type=no-such-schedule-seed0.partial")
+    assert (good / RECORD).is_file() and "train_runtime" in (good / "launch.log").read_text()
     record = yaml.safe_load((good / "llmreg_run.yaml").read_text())
     assert record["launch"] == {"accelerate_config": "single_process"} and "--config_file" in record["command"]
     assert len([entry for entry in json.loads((good / "trainer_state.json").read_text())["log_history"]
                 if "loss" in entry]) == 2
-    assert "no-such-schedule" in (bad / "error.txt").read_text() and not (bad / DONE).exists()
+    assert "no-such-schedule" in (bad / "error.txt").read_text() and not bad.with_suffix("").exists()
