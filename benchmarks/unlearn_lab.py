@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> str:
     original, gold = recipe.prepare_models(script_args, training_args, model_args, sets)
     reference_file = base / "reference_rows.json"
     if not reference_file.is_file():
-        reference_file.write_text(json.dumps(recipe.reference_rows(original, gold, sets), indent=1))
+        reference_file.write_text(json.dumps(recipe.reference_rows(original, gold, sets, base), indent=1))
     reference, gold_ratios = json.loads(reference_file.read_text())
     rows = {row["model"]: [row] for row in reference}
     for objective in args.objectives:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> str:
                     _, training_args, model_args = parse_recipe_args(recipe.make_parser(), [
                         "--output_dir", str(run_dir), "--objective", objective, "--l1_lambda", str(lam),
                         "--seed", str(seed), *extra])
-                    row = recipe.unlearn(original, sets, training_args, model_args, gold_ratios, sets)
+                    row = recipe.unlearn(original, sets, training_args, model_args, gold_ratios, sets, gold)
                     row_file.write_text(json.dumps(row, indent=1))
                 row = json.loads(row_file.read_text())
                 row["b_near_zero"] = b_near_zero(run_dir / "unlearned" / "adapter_model.safetensors")

@@ -222,7 +222,8 @@ def check_paths(parsed: tuple) -> None:
     that is cached, or on the hub when online). Lab models are not built here."""
     for arguments in parsed:
         for name, value in vars(arguments).items():
-            if not isinstance(value, str) or value in ("", "auto"):  # "auto": the recipe picks one (unlearning)
+            # "auto" (the recipe picks one) and "none" (no such set): unlearning's world_dataset_name.
+            if not isinstance(value, str) or value.lower() in ("", "auto", "none"):
                 continue
             if name.endswith("dataset_name"):
                 check_dataset_reference(value, f"--{name}")

@@ -43,9 +43,13 @@ class StageSettingsError(InputError):
     """A stage on disk was produced with other settings than the run asking for it."""
 
 
-def _json_ready(value):
-    """``value`` as JSON would read it back (tuples become lists, keys strings), so records compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+def json_ready(value):
+    """``value`` as JSON would read it back (tuples become lists, keys strings, sets sorted lists, anything else its
+    text), so that records compare equal from run to run."""
+    def default(item):
+        return sorted(item, key=str) if isinstance(item, (set, frozenset)) else str(item)
+
+    return json.loads(json.dumps(value, sort_keys=True, default=default))
 
 
 def _flatten(value, prefix: str = "") -> dict:
@@ -59,7 +63,7 @@ def _flatten(value, prefix: str = "") -> dict:
 
 def settings_changes(recorded: dict, current: dict) -> list[str]:
     """Human-readable differences between two settings records, one ``key: recorded → now`` line each."""
-    old, new = _flatten(_json_ready(recorded)), _flatten(_json_ready(current))
+    old, new = _flatten(json_ready(recorded)), _flatten(json_ready(current))
     missing = object()
     return [f"{key}: {old.get(key, 'unset')!r} recorded, {new.get(key, 'unset')!r} now"
             for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]
@@ -85,7 +89,7 @@ _NOT_SETTINGS_PREFIXES = ("logging_", "log_", "save_", "hub_", "push_to_hub", "e
 def training_settings(args) -> dict:
     """The settings of a ``TrainingArguments`` (or TRL config) that shape the trained model: everything but output,
     logging, saving, evaluation and hub options."""
-    return _json_ready({key: value for key, value in args.to_dict().items()
+    return json_ready({key: value for key, value in args.to_dict().items()
                         if key not in _NOT_SETTINGS and not key.startswith(_NOT_SETTINGS_PREFIXES)})
 
 
@@ -123,7 +127,7 @@ class Stage:
     def __init__(self, path: Path | str, settings: dict, *, overwrite: bool = False):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        self.settings = _json_ready(settings)
+        self.settings = json_ready(settings)
         self.overwrite = overwrite
 
     def _recorded(self, directory: Path) -> dict | None:

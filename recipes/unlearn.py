@@ -13,10 +13,12 @@ The lab (TOFU's setup on ``llmreg/new-facts``, facts about entities the lab mode
 3. unlearning: a fresh LoRA on ``original``, trained with ``--objective`` (and ``--l1_lambda``) on the forget split.
 
 ``--finetune_epochs 0`` skips 1 and 2: then ``--model_name_or_path`` is the model that already knows the forget set,
-and ``--gold_model`` (optional) the one for forget quality. Stages 1 and 2 are saved under ``output_dir`` and reused
-by a rerun with the same settings. Results: ``<output_dir>/unlearn_results.{md,json}``, one row each for the
-original, the gold model and the unlearned one — forget and retain accuracy, ROUGE-L, answer probability, truth
-ratio, model utility and forget quality (see docs/unlearn.md).
+and ``--gold_model`` (optional) the one for forget quality. Each model and its evaluation is a resumable stage under
+``output_dir`` (``original/``, ``gold/``, ``unlearned/``, each with ``eval/``): a rerun with the same settings reuses
+them, a rerun with other settings is refused naming them (``--overwrite`` recomputes). Results:
+``<output_dir>/unlearn_results.{md,json}``, one row each for the original, the gold model and the unlearned one —
+forget and retain accuracy, ROUGE-L, answer probability, truth ratio, model utility and forget quality (see
+docs/unlearn.md).
 """
 
 import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
@@ -36,6 +38,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_co
 
 from llmreg.lab.prompts import prompt_style_of
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
+from llmreg.stages import RECORD, Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import (
     check_assistant_only_loss,
     reset_accelerator_state,
@@ -51,7 +54,6 @@ from llmreg.unlearn.unlearn_config import RETAIN_OBJECTIVES
 
 logger = logging.getLogger(__name__)
 
-STAGE_FILE = "stage.json"
 TABLE_KEYS = ("forget_accuracy", "retain_accuracy", "world_accuracy", "forget_rouge", "retain_rouge",
               "forget_truth_ratio", "model_utility", "forget_quality")
 
@@ -81,6 +83,11 @@ class UnlearnScriptArguments(ScriptArguments):
     )
     finetune_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of those fine-tunes."})
     finetune_batch_size: int = field(default=16, metadata={"help": "Per-device batch size of those fine-tunes."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete and recompute the stages in output_dir made with other settings (a rerun otherwise "
+                          "reuses the stages made with the same settings and refuses the others)."},
+    )
     finetune_paraphrases: bool = field(
         default=True,
         metadata={"help": "Teach each fact in its paraphrased words too (the `paraphrased_answer` column): the lab "
@@ -101,39 +108,51 @@ def training_rows(dataset, paraphrases: bool):
     return concatenate_datasets([rows, paraphrased])
 
 
-def finetune(stage: Path, model_name_or_path: str, data, script_args, training_args, init_kwargs: dict) -> Path:
-    """Fully fine-tune ``model_name_or_path`` on ``data`` into ``stage/model``; a rerun with the same settings reuses
-    it."""
-    settings = {"model": model_name_or_path, "rows": len(data), "fingerprint": data._fingerprint,
-                "epochs": script_args.finetune_epochs, "learning_rate": script_args.finetune_learning_rate,
-                "batch_size": script_args.finetune_batch_size, "seed": training_args.seed}
-    final, record = stage / "model", stage / STAGE_FILE
-    if final.is_dir() and record.is_file() and json.loads(record.read_text()) == settings:
-        logger.info("Reusing %s (same settings).", final)
-        return final
+def finetune(directory: Path, model_name_or_path: str, data, script_args, training_args, init_kwargs: dict) -> Path:
+    """Fully fine-tune ``model_name_or_path`` on ``data`` into the stage ``directory`` (its model in ``model/``); a
+    rerun with the same settings reuses it."""
     a = training_args
-    args = SFTConfig(output_dir=str(stage / "train"), num_train_epochs=script_args.finetune_epochs,
+    args = SFTConfig(output_dir="finetune", num_train_epochs=script_args.finetune_epochs,
                      learning_rate=script_args.finetune_learning_rate,
                      per_device_train_batch_size=script_args.finetune_batch_size, max_length=a.max_length,
                      use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
                      logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
                      lr_scheduler_type="constant_with_warmup", warmup_steps=10, disable_tqdm=a.disable_tqdm,
                      model_init_kwargs=init_kwargs or None)
-    reset_accelerator_state()
-    trainer = SFTTrainer(model_name_or_path, args=args, train_dataset=data)
-    trainer.train()
-    save_trained_model(trainer, final)
-    if trainer.accelerator.is_main_process:
-        write_atomically(record, json.dumps(settings, indent=1))
-    trainer.accelerator.wait_for_everyone()
-    return final
+    settings = {"stage": "finetune", "model": model_identity(model_name_or_path), "data": dataset_digest(data),
+                "training": training_settings(args), "num_processes": PartialState().num_processes}
+    stage = Stage(directory, settings, overwrite=script_args.overwrite)
+    if not stage.is_finished():
+        with stage.build() as work:
+            args.output_dir = str(work / "train")
+            reset_accelerator_state()
+            trainer = SFTTrainer(model_name_or_path, args=args, train_dataset=data)
+            trainer.train(resume_from_checkpoint=last_complete_checkpoint(work / "train"))
+            trainer.save_state()
+            save_trained_model(trainer, work / "model")
+    return stage.path / "model"
 
 
-def evaluate(model_path, sets: dict, gold_ratios) -> dict | None:
-    """The table row of a saved model, a whole one or a LoRA adapter (merged into its base): main process only,
-    the others get None."""
-    if not PartialState().is_main_process:
+def model_identity(path: str | Path | None):
+    """What a stage records of a model it starts from: the settings of the stage that made it, or its path."""
+    if path is None:
         return None
+    record = Path(path).parent / RECORD
+    return json.loads(record.read_text())["settings"] if record.is_file() else str(path)
+
+
+def evaluate(model_path, sets: dict, gold_ratios, directory: Path, settings: dict, overwrite: bool) -> dict:
+    """The table row of a saved model, a whole one or a LoRA adapter (merged into its base), in the stage
+    ``directory`` (``eval.json``): scored by the main process while the others wait."""
+    stage = Stage(directory, {"stage": "eval", "model": model_identity(model_path), **settings}, overwrite=overwrite)
+    if not stage.is_finished():
+        with stage.build() as work:
+            if PartialState().is_main_process:
+                write_atomically(work / "eval.json", json.dumps(score(model_path, sets, gold_ratios), indent=1))
+    return json.loads((stage.path / "eval.json").read_text())
+
+
+def score(model_path, sets: dict, gold_ratios) -> dict:
     with without_zero3():  # loading and generating by this process alone, even in a ZeRO-3 run
         if (Path(model_path) / "adapter_config.json").is_file():
             model = AutoPeftModelForCausalLM.from_pretrained(model_path).merge_and_unload()
@@ -190,37 +209,55 @@ def prepare_models(script_args, training_args, model_args, sets: dict) -> tuple[
     return str(original), str(gold)
 
 
-def reference_rows(original: str, gold: str | None, sets: dict) -> tuple[list[dict], list | None]:
-    """The table rows of the original and gold models, and the gold model's forget truth ratios (main process)."""
+def evaluation_settings(sets: dict) -> dict:
+    """What an evaluation stage records besides its model: the question sets scored."""
+    return {"questions": {name: dataset_digest(rows) for name, rows in sets.items()}}
+
+
+def reference_rows(original: str, gold: str | None, sets: dict, output_dir: Path,
+                   overwrite: bool = False) -> tuple[list[dict], list | None]:
+    """The table rows of the original and gold models, and the gold model's forget truth ratios."""
     rows, gold_ratios = [], None
+    settings = evaluation_settings(sets)
     if gold is not None:
-        gold_row = evaluate(gold, sets, None)
-        if gold_row is not None:
-            gold_ratios = gold_row["forget_truth_ratios"]
-            rows.append({"model": "gold (never saw the forget split)", **gold_row,
-                         "forget_quality": forget_quality(gold_ratios, gold_ratios)})
-    original_row = evaluate(original, sets, gold_ratios)
-    if original_row is not None:
-        rows.insert(0, {"model": "original", **original_row})
+        gold_row = evaluate(gold, sets, None, output_dir / "gold" / "eval", settings, overwrite)
+        gold_ratios = gold_row["forget_truth_ratios"]
+        rows.append({"model": "gold (never saw the forget split)", **gold_row,
+                     "forget_quality": forget_quality(gold_ratios, gold_ratios)})
+    original_row = evaluate(original, sets, gold_ratios, output_dir / "original" / "eval",
+                            {**settings, "gold": model_identity(gold)}, overwrite)
+    rows.insert(0, {"model": "original", **original_row})
     return rows, gold_ratios
 
 
 def unlearn(original: str, sets: dict, training_args: UnlearnConfig, model_args: ModelConfig,
-            gold_ratios, eval_sets: dict) -> dict | None:
-    """Unlearn the forget split from ``original`` into ``output_dir/unlearned`` and score it (main process)."""
+            gold_ratios, eval_sets: dict, gold: str | None = None, overwrite: bool = False) -> dict:
+    """Unlearn the forget split from ``original`` into the stage ``output_dir/unlearned`` and score it."""
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     objective = training_args.objective
-    reset_accelerator_state()
-    trainer = UnlearnTrainer(original, args=training_args, forget_dataset=sets["forget"],
-                             retain_dataset=sets["retain"] if objective in RETAIN_OBJECTIVES else None,
-                             peft_config=get_peft_config(model_args))
-    trainer.train()
-    unlearned = Path(training_args.output_dir) / "unlearned"
-    save_trained_model(trainer, unlearned)  # the adapter, or the whole model without LoRA
-    trainer.end()  # the other processes are done: the scoring is the main process's alone
-    row = evaluate(unlearned, eval_sets, gold_ratios)
-    if row is None:
-        return None
+    retain = sets["retain"] if objective in RETAIN_OBJECTIVES else None
+    peft_config = get_peft_config(model_args)
+    output_dir = Path(training_args.output_dir)
+    settings = {"stage": "unlearn", "model": model_identity(original), "training": training_settings(training_args),
+                "peft": None if peft_config is None else peft_config.to_dict(),
+                "data": {"forget": dataset_digest(sets["forget"]),
+                         "retain": None if retain is None else dataset_digest(retain)},
+                "num_processes": PartialState().num_processes}
+    stage = Stage(output_dir / "unlearned", settings, overwrite=overwrite)
+    if not stage.is_finished():
+        with stage.build() as work:
+            training_args.output_dir = str(work / "train")
+            try:
+                reset_accelerator_state()
+                trainer = UnlearnTrainer(original, args=training_args, forget_dataset=sets["forget"],
+                                         retain_dataset=retain, peft_config=peft_config)
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(work / "train"))
+                trainer.save_state()
+                trainer.save_model(str(work))  # the adapter, or the whole model without LoRA
+            finally:
+                training_args.output_dir = str(output_dir)
+    row = evaluate(stage.path, eval_sets, gold_ratios, stage.path / "eval",
+                   {**evaluation_settings(eval_sets), "gold": model_identity(gold)}, overwrite)
     name = objective + (f" + ℓ1 (λ1 = {training_args.l1_lambda:g})" if training_args.l1_lambda else "")
     return {"model": name, "objective": objective, "l1_lambda": training_args.l1_lambda, **row}
 
@@ -233,25 +270,18 @@ def main(script_args: UnlearnScriptArguments, training_args: UnlearnConfig, mode
     limit = script_args.num_eval_questions
     eval_sets = {name: rows.select(range(min(limit, len(rows)))) if limit is not None else rows
                  for name, rows in sets.items()}
-    rows, gold_ratios = reference_rows(original, gold, eval_sets)
-    row = unlearn(original, sets, training_args, model_args, gold_ratios, eval_sets)
-    if row is not None:
-        rows.append(row)
-        output_dir = Path(training_args.output_dir)
+    output_dir = Path(training_args.output_dir)
+    rows, gold_ratios = reference_rows(original, gold, eval_sets, output_dir, script_args.overwrite)
+    rows.append(unlearn(original, sets, training_args, model_args, gold_ratios, eval_sets, gold,
+                        script_args.overwrite))
+    if PartialState().is_main_process:
         settings = {"objective": training_args.objective, "l1_lambda": training_args.l1_lambda,
                     "beta": training_args.objective_beta, "script": asdict(script_args)}
         write_atomically(output_dir / "unlearn_results.json", json.dumps({"settings": settings, "rows": rows},
                                                                         indent=1))
         write_atomically(output_dir / "unlearn_results.md", results_table(rows))
-        # Each model's numbers also flat, in its own directory, where llmreg report and llmreg ablate read them
-        # (unlearned/forget_quality, original/forget_accuracy, ...).
-        for scores in rows:
-            short = scores["model"] if scores["model"] == "original" else (
-                "gold" if scores["model"].startswith("gold") else "unlearned")
-            (output_dir / short).mkdir(parents=True, exist_ok=True)
-            write_atomically(output_dir / short / "eval.json", json.dumps(
-                {key: value for key, value in scores.items() if isinstance(value, (int, float))}, indent=1))
         print(results_table(rows))
+    PartialState().wait_for_everyone()
     return rows
 
 

@@ -144,3 +144,13 @@ def test_resume_from_checkpoint_values(tmp_path):
     assert resolve_resume_from_checkpoint(True, tmp_path) == str(last)
     assert resolve_resume_from_checkpoint("false", tmp_path) is None
     assert resolve_resume_from_checkpoint(str(first), tmp_path) == str(first)
+
+
+def test_settings_with_sets_are_recorded_in_a_stable_order(tmp_path):
+    # PEFT's target_modules is a set: its iteration order changes from process to process (string hashing).
+    from llmreg.stages import json_ready
+
+    assert json_ready({"target_modules": {"v_proj", "q_proj", "k_proj"}}) == {
+        "target_modules": ["k_proj", "q_proj", "v_proj"]}
+    build(Stage(tmp_path / "lora", {"modules": {"v_proj", "q_proj"}}), "x")
+    assert Stage(tmp_path / "lora", {"modules": {"q_proj", "v_proj"}}).is_finished()

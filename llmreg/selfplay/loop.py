@@ -42,7 +42,14 @@ from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.selfplay.generation import completion_logps, sample_completions, sample_completions_vllm
 from llmreg.selfplay.judges import make_judge, pair_from_preferences
 from llmreg.spin import SPINConfig, SPINTrainer
-from llmreg.stages import PARTIAL_SUFFIX, Stage, dataset_digest, last_complete_checkpoint, training_settings
+from llmreg.stages import (
+    PARTIAL_SUFFIX,
+    Stage,
+    dataset_digest,
+    json_ready,
+    last_complete_checkpoint,
+    training_settings,
+)
 from llmreg.trainer_utils import (
     check_dataset_columns,
     replace_directory,
@@ -165,10 +172,12 @@ class SelfPlayLoop:
         for key in PER_ITERATION_FIELDS:
             training.pop(key, None)
         loop = {key: value for key, value in vars(self.args).items() if key not in NOT_RUN_SETTINGS}
-        return {"method": self.method, "base_model": self.base, "loop": loop, "training": training,
-                "peft": None if self.peft_config is None else self.peft_config.to_dict(),
-                "num_processes": self.state.num_processes,
-                "data": {"prompts": dataset_digest(self.prompts), "eval_prompts": dataset_digest(self.eval_prompts)}}
+        return json_ready({
+            "method": self.method, "base_model": self.base, "loop": loop, "training": training,
+            "peft": None if self.peft_config is None else self.peft_config.to_dict(),
+            "num_processes": self.state.num_processes,
+            "data": {"prompts": dataset_digest(self.prompts), "eval_prompts": dataset_digest(self.eval_prompts)},
+        })
 
     def _stage(self, name: str) -> Stage:
         return Stage(self.output_dir / name, {"stage": name, **self.settings}, overwrite=self.args.overwrite)
