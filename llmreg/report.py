@@ -105,6 +105,9 @@ def final_results(run_dir: Path) -> dict[str, float]:
         if any(part.startswith("checkpoint-") for part in path.parts):
             continue
         stage = str(path.parent.relative_to(run_dir))
+        if path.name == "eval.json" and path.parent.name == "eval" and path.parent != run_dir:
+            # A model's evaluation stage (<model's stage>/eval/eval.json): its numbers are the model's.
+            stage = str(path.parent.parent.relative_to(run_dir))
         if path.name != "all_results.json" and (path.parent / "all_results.json").is_file():
             continue  # merged into all_results.json already
         content = json.loads(path.read_text())

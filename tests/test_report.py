@@ -52,3 +52,12 @@ def test_an_ftaas_report_has_its_settings_and_the_table_per_p(tmp_path):
     page = write_report(tmp_path).read_text()
     assert "As the run recorded them (results.json)" in page and "booster_lambda: 5.0" in page
     assert "| booster | fine-tuned | 0.1 | 12.5 | 91 |" in page and "| booster | aligned | — | 0 | 50 |" in page
+
+
+def test_an_evaluation_stage_reports_under_its_models_name(tmp_path):
+    # FTaaS and unlearning evaluate each model in <model's stage>/eval: a sweep names the model's metric.
+    for stage, score in (("finetune/booster/p0.2", 12.5), ("unlearned", 0.25)):
+        (tmp_path / stage / "eval").mkdir(parents=True)
+        (tmp_path / stage / "eval" / "eval.json").write_text(json.dumps({"score": score, "ratios": [0.1, 0.2]}))
+    metrics = run_metrics(tmp_path)
+    assert metrics == {"finetune/booster/p0.2/score": {"final": 12.5}, "unlearned/score": {"final": 0.25}}
