@@ -16,14 +16,16 @@ import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that impor
 
 # isort: split
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from accelerate import PartialState
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
 from llmreg.lab import expected_calibration_error
 from llmreg.lora_dropout import LoRADropoutConfig, choice_probabilities, with_lora_dropout
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
+from llmreg.stages import Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
 
 
@@ -34,6 +36,11 @@ class LoRADropoutScriptArguments(ScriptArguments):
     label_choices: list[str] = field(
         default_factory=lambda: ["positive", "negative"],
         metadata={"help": "The answers to classify among (the `label` column holds the right one)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Retrain the arms in output_dir that were trained with other settings (a rerun otherwise "
+                          "reuses the arms trained with the same settings and refuses the others)."},
     )
 
 
@@ -71,27 +78,40 @@ def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, tr
     train = train.select(range(script_args.num_train_samples))
     heldout = load_recipe_dataset(script_args, script_args.dataset_test_split, model_name_or_path=model)
     heldout = heldout.select(range(min(script_args.num_eval_samples, len(heldout))))
-    base_dir, rows = Path(training_args.output_dir), []
+    base_dir, rows, trainer = Path(training_args.output_dir), [], None
+    shared = {"model": model_args.model_name_or_path, "peft": get_peft_config(model_args).to_dict(),
+              "data": {"train": dataset_digest(train), "heldout": dataset_digest(heldout)},
+              "label_choices": script_args.label_choices, "num_processes": PartialState().num_processes}
     for name, p in (("LoRA", 0.0), (f"LoRA Dropout (p = {dropout.lora_dropout_p:g})", dropout.lora_dropout_p)):
-        training_args.output_dir = str(base_dir / ("lora" if p == 0 else "lora_dropout"))
         config = LoRADropoutConfig(lora_dropout_p=p, lora_dropout_train_samples=dropout.lora_dropout_train_samples if p
                                    else 1, lora_dropout_per_example=dropout.lora_dropout_per_example)
-        reset_accelerator_state()  # a second Trainer under DeepSpeed needs its own Accelerator
-        trainer = with_lora_dropout(SFTTrainer)(model_args.model_name_or_path, args=training_args, train_dataset=train,
-                                                eval_dataset=heldout, peft_config=get_peft_config(model_args),
-                                                lora_dropout=config)
-        trainer.train()
-        trainer.save_state()  # <arm>/trainer_state.json: the curves llmreg report and llmreg ablate read
         samples = [0] if p == 0 else [0, dropout.lora_dropout_eval_samples]
-        scores = {}  # flat, for <arm>/eval.json: heldout_loss, ..., and ensemble_heldout_loss, ... with the ensemble
-        for num_samples in dict.fromkeys(samples):
-            row = evaluate(trainer, heldout, script_args.label_choices, num_samples)
-            rows.append({"model": name, "ensemble": num_samples, **row})
-            scores.update({("ensemble_" if num_samples else "") + key: value for key, value in row.items()})
-        if training_args.process_index == 0:
-            write_atomically(Path(training_args.output_dir) / "eval.json", json.dumps(scores, indent=1))
-        trainer.accelerator.wait_for_everyone()
-    trainer.end()
+        # Each arm (training and its scores) is a resumable stage (<arm>/): reused by a rerun with the same settings,
+        # refused with other settings (--overwrite retrains it).
+        stage = Stage(base_dir / ("lora" if p == 0 else "lora_dropout"),
+                      {"stage": "arm", **shared, "lora_dropout": asdict(config), "ensemble_samples": samples,
+                       "training": training_settings(training_args)}, overwrite=script_args.overwrite)
+        if not stage.is_finished():
+            with stage.build() as work:
+                training_args.output_dir = str(work)
+                reset_accelerator_state()  # a second Trainer under DeepSpeed needs its own Accelerator
+                trainer = with_lora_dropout(SFTTrainer)(
+                    model_args.model_name_or_path, args=training_args, train_dataset=train, eval_dataset=heldout,
+                    peft_config=get_peft_config(model_args), lora_dropout=config)
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(work))
+                trainer.save_state()  # <arm>/trainer_state.json: the curves llmreg report and llmreg ablate read
+                arm_rows, scores = [], {}  # scores: flat, heldout_loss, ..., ensemble_heldout_loss, ... (eval.json)
+                for num_samples in dict.fromkeys(samples):
+                    row = evaluate(trainer, heldout, script_args.label_choices, num_samples)
+                    arm_rows.append({"model": name, "ensemble": num_samples, **row})
+                    scores.update({("ensemble_" if num_samples else "") + key: value for key, value in row.items()})
+                if training_args.process_index == 0:
+                    write_atomically(work / "eval.json", json.dumps(scores, indent=1))
+                    write_atomically(work / "rows.json", json.dumps(arm_rows, indent=1))
+            training_args.output_dir = str(base_dir)
+        rows += json.loads((stage.path / "rows.json").read_text())
+    if trainer is not None:
+        trainer.end()
     if training_args.process_index == 0:
         lines = ["| model | test-time masks | held-out loss | accuracy (%) | ECE (%) |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['ensemble'] or 'none (expected adapter)'} | {r['heldout_loss']:.4f} | "

@@ -25,7 +25,7 @@ import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that impor
 import io
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.losses.reweighting import STRATEGIES
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.reweight import ReweightConfig, ReweightTrainer
+from llmreg.stages import Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
 
 
@@ -62,6 +63,11 @@ class ReweightScriptArguments(ScriptArguments):
     num_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N held-out rows."})
     l1_lambda: float = field(default=0.0, metadata={"help": "λ1 of the ℓ1 penalty on the trainable parameters "
                                                             "(0: off)."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Retrain the strategies in output_dir that were trained with other settings (a rerun "
+                          "otherwise reuses the strategies trained with the same settings and refuses the others)."},
+    )
 
 
 def resolve_from_scratch(from_scratch: bool | None, model_name_or_path: str) -> bool:
@@ -138,26 +144,41 @@ def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, train
         train = train.select(range(min(script_args.num_train_samples, len(train))))
     if script_args.num_eval_samples:
         heldout = heldout.select(range(min(script_args.num_eval_samples, len(heldout))))
-    base_dir, curves = Path(training_args.output_dir), {}
+    base_dir, curves, trainer = Path(training_args.output_dir), {}, None
+    shared = {"model": model_args.model_name_or_path, "from_scratch": from_scratch,
+              "peft": None if get_peft_config(model_args) is None else get_peft_config(model_args).to_dict(),
+              "lora_dropout": asdict(dropout), "l1_lambda": script_args.l1_lambda,
+              "data": {"train": dataset_digest(train), "heldout": dataset_digest(heldout)},
+              "num_processes": PartialState().num_processes}
     for strategy in strategies:
         args = replace(training_args, output_dir=str(base_dir / strategy), reweight_strategy=strategy,
                        model_init_kwargs=None if from_scratch else init_kwargs)
-        reset_accelerator_state()
-        model = model_args.model_name_or_path
-        if from_scratch:
-            config = AutoConfig.from_pretrained(model, trust_remote_code=training_args.trust_remote_code)
-            # from_config draws the weights from the global generator: seed it, so every strategy starts the same.
-            torch.manual_seed(args.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=init_kwargs["dtype"])
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-        trainer = with_l1_penalty(with_lora_dropout(ReweightTrainer))(
-            model, args=args, train_dataset=train, eval_dataset=heldout, processing_class=tokenizer,
-            peft_config=get_peft_config(model_args), lora_dropout=dropout, l1_lambda=script_args.l1_lambda)
-        trainer.train()
-        trainer.save_state()  # <strategy>/trainer_state.json: the curves llmreg report and llmreg ablate read
-        curves[strategy] = held_out_curve(trainer.state.log_history)
-        trainer.accelerator.wait_for_everyone()
-    trainer.end()
+        # Each strategy's run is a resumable stage (<strategy>/): reused by a rerun with the same settings, continued
+        # from its last checkpoint after a kill, refused with other settings (--overwrite recomputes it).
+        stage = Stage(base_dir / strategy, {"stage": "reweight", **shared, "training": training_settings(args)},
+                      overwrite=script_args.overwrite)
+        if not stage.is_finished():
+            with stage.build() as work:
+                args.output_dir = str(work)
+                reset_accelerator_state()
+                model = model_args.model_name_or_path
+                if from_scratch:
+                    config = AutoConfig.from_pretrained(model, trust_remote_code=training_args.trust_remote_code)
+                    # from_config draws the weights from the global generator: seed it, so every strategy starts
+                    # the same.
+                    torch.manual_seed(args.seed)
+                    model = AutoModelForCausalLM.from_config(config, dtype=init_kwargs["dtype"])
+                tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                                          revision=model_args.model_revision)
+                trainer = with_l1_penalty(with_lora_dropout(ReweightTrainer))(
+                    model, args=args, train_dataset=train, eval_dataset=heldout, processing_class=tokenizer,
+                    peft_config=get_peft_config(model_args), lora_dropout=dropout, l1_lambda=script_args.l1_lambda)
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(work))
+                trainer.save_state()  # <strategy>/trainer_state.json: the curves llmreg report and ablate read
+        state = json.loads((stage.path / "trainer_state.json").read_text())
+        curves[strategy] = held_out_curve(state["log_history"])
+    if trainer is not None:
+        trainer.end()
     if not PartialState().is_main_process:
         return []
     uniform = curves.get("uniform")
@@ -167,7 +188,9 @@ def main(script_args: ReweightScriptArguments, dropout: LoRADropoutConfig, train
              "steps_to_uniform_final": steps_to_reach(c, target) if target is not None else None, "curve": c}
             for s, c in curves.items()]
     write_atomically(base_dir / "reweight_results.json", json.dumps(rows, indent=1))
-    for row in rows:  # flat, per strategy, for llmreg report and llmreg ablate (<strategy>/final_heldout_loss)
+    # Flat, per strategy, for llmreg report and llmreg ablate (<strategy>/final_heldout_loss); they compare the
+    # strategies, so they are written next to each strategy's stage, not in it.
+    for row in rows:
         write_atomically(base_dir / row["strategy"] / "eval.json", json.dumps(
             {key: value for key, value in row.items() if isinstance(value, (int, float))}, indent=1))
     write_atomically(base_dir / "reweight_results.md", results_table(rows))

@@ -223,6 +223,14 @@ def test_the_recipe_compares_lora_with_lora_dropout_with_and_without_the_ensembl
     metrics = run_metrics(tmp_path)
     assert metrics["lora/heldout_loss"]["final"] == rows[0]["heldout_loss"]
     assert metrics["lora_dropout/ensemble_accuracy"]["final"] == rows[2]["accuracy"]
+
+    # Each arm is a stage: the same command again reuses both arms (nothing retrained, the same table).
+    stamps = [(tmp_path / arm / "trainer_state.json").stat().st_mtime_ns for arm in ("lora", "lora_dropout")]
+    launch("single_process.yaml", REPO / "recipes" / "lora_dropout.py", "--output_dir", str(tmp_path),
+           "--num_train_epochs", "2", "--num_eval_samples", "16", "--lora_dropout_eval_samples", "2",
+           "--logging_steps", "1")
+    assert [(tmp_path / arm / "trainer_state.json").stat().st_mtime_ns for arm in ("lora", "lora_dropout")] == stamps
+    assert json.loads((tmp_path / "lora_dropout_results.json").read_text()) == rows
     assert "lora_dropout/lora_dropout/kept_fraction" in metrics and "lora/loss" in metrics
 
 

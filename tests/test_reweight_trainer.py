@@ -130,10 +130,10 @@ def test_the_recipe_compares_strategies_from_the_same_start(lab_model_dir, tmp_p
 
     assert reweight.steps_to_reach([(5, 3.0), (10, 2.0), (15, 2.5)], 2.2) == 10
     assert reweight.steps_to_reach([(5, 3.0)], 2.2) is None
-    rows = reweight.main(*parse_recipe_args(reweight.make_parser(), [
-        "--model_name_or_path", str(lab_model_dir), "--output_dir", str(tmp_path), "--strategies", "uniform",
-        "linupper", "--max_steps", "6", "--eval_steps", "3", "--num_train_samples", "96", "--num_eval_samples", "16",
-        "--use_cpu", "--bf16", "false"]))
+    args = ["--model_name_or_path", str(lab_model_dir), "--output_dir", str(tmp_path), "--strategies", "uniform",
+            "linupper", "--max_steps", "6", "--eval_steps", "3", "--num_train_samples", "96",
+            "--num_eval_samples", "16", "--use_cpu", "--bf16", "false"]
+    rows = reweight.main(*parse_recipe_args(reweight.make_parser(), args))
     by_strategy = {row["strategy"]: row for row in rows}
     uniform, linupper = by_strategy["uniform"], by_strategy["linupper"]
     assert [step for step, _ in uniform["curve"]] == [0, 3, 6]
@@ -150,3 +150,15 @@ def test_the_recipe_compares_strategies_from_the_same_start(lab_model_dir, tmp_p
     assert metrics["linupper/eval_loss"] == {"final": linupper["curve"][-1][1],
                                              "best": min(loss for _, loss in linupper["curve"][1:])}
     assert metrics["uniform/final_heldout_loss"]["final"] == uniform["final_heldout_loss"]
+
+    # Each strategy is a stage: a rerun reuses both (no training), another setting is refused by name.
+    from llmreg.stages import StageSettingsError
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished strategy trained again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reweight, "ReweightTrainer", refuse)
+        assert reweight.main(*parse_recipe_args(reweight.make_parser(), args)) == rows
+        with pytest.raises(StageSettingsError, match=r"training.max_steps: 6 recorded, 8 now"):
+            reweight.main(*parse_recipe_args(reweight.make_parser(), [*args, "--max_steps", "8"]))
