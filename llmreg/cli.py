@@ -46,6 +46,53 @@ def _list(args) -> int:
     return 0
 
 
+# The keys of TRL's and transformers' configs that `llmreg run <method> --help` lists; `--help-all` lists every key.
+COMMON_KEYS = ("model_name_or_path", "dataset_name", "output_dir", "learning_rate", "max_steps", "num_train_epochs",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed", "bf16",
+               "logging_steps", "save_strategy", "save_steps", "resume_from_checkpoint", "report_to", "use_peft",
+               "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit")
+
+
+def recipe_help(method: str) -> str:
+    """A page, not TrainingArguments' 1,400 lines: the recipe's own keys (llmreg's dataclasses, one line each), the
+    common TRL/transformers keys, and how to see them all."""
+    from llmreg.launch import recipe_parser, recipe_summary
+    from llmreg.recipe_utils import LaunchArguments
+
+    parser = recipe_parser(method)
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+
+    # llmreg's recipes give --resume_from_checkpoint more values than transformers' help says.
+    own_help = {"resume_from_checkpoint": "true (the last complete checkpoint of output_dir), false (start over) or "
+                                          "a checkpoint's path; unset: resume if output_dir has one"}
+
+    def line(name: str) -> str:
+        action = actions[name]
+        text = own_help.get(name) or " ".join((action.help or "").replace("%%", "%").split()).split(". ")[0]
+        text = text.removesuffix(".")
+        text = text if len(text) <= 90 else text[:87] + "..."
+        return f"  --{name:<34} {text} (default: {action.default!r})"
+
+    own = []  # keys declared by llmreg's dataclasses (the method's config, the recipe's arguments)
+    for dataclass_type in parser.dataclass_types:
+        for klass in dataclass_type.__mro__:
+            if klass.__module__.startswith(("llmreg", "recipes")) or klass.__module__ == "__main__":
+                own += [name for name in getattr(klass, "__annotations__", {}) if name in actions and name not in own]
+    launch = [name for name in LaunchArguments.__dataclass_fields__ if name in own]
+    own = [name for name in own if name not in launch]
+    common = [name for name in COMMON_KEYS if name in actions and name not in own]
+    lines = [f"usage: llmreg run {method} [--config FILE.yaml] [--dry_run] [--KEY VALUE ...]", "",
+             recipe_summary(method) + ".", "",
+             "  --config FILE.yaml                   a YAML of keys (`llmreg list` shows the shipped ones)",
+             "  --dry_run                            print the accelerate launch line, run nothing",
+             "  --help-all                           every key, with TRL's and transformers' training arguments", "",
+             f"{method}'s keys (llmreg's):", *map(line, own), "",
+             "Common keys (TRL's ModelConfig, ScriptArguments, training arguments):", *map(line, common), "",
+             "Launch options (how `llmreg run` launches it): " + ", ".join(f"--{name}" for name in launch), "",
+             f"{len(actions) - len(own) - len(common) - len(launch)} more keys: llmreg run {method} --help-all"]
+    return "\n".join(lines) + "\n"
+
+
 def _run(args) -> int:
     from llmreg.launch import recipe_parser, run_recipe
 
@@ -53,8 +100,11 @@ def _run(args) -> int:
     dry_run = "--dry_run" in recipe_args
     if dry_run:
         recipe_args.remove("--dry_run")
-    if "-h" in recipe_args or "--help" in recipe_args:
+    if "--help-all" in recipe_args:
         recipe_parser(args.method).print_help()
+        return 0
+    if "-h" in recipe_args or "--help" in recipe_args:
+        sys.stdout.write(recipe_help(args.method))
         return 0
     return run_recipe(args.method, recipe_args, dry_run=dry_run)
 

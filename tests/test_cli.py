@@ -1,5 +1,6 @@
 """The ``llmreg`` command line."""
 
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,26 @@ def test_run_help_is_the_recipes_help_with_its_launch_options(capsys):
     assert printed.startswith("usage: llmreg run rpg")
     for key in ("--accelerate_config", "--num_processes", "--divergence", "--estimator", "--learning_rate"):
         assert key in printed
+    # A page, not the 1,400 lines of every training argument: the recipe's own keys, the common ones, and the way to
+    # the rest.
+    assert len(printed.splitlines()) < 100
+    for mention in ("--config FILE.yaml", "--dry_run", "--help-all", "(default: 'ufkl')", "(default: 800)"):
+        assert mention in printed
+    assert main(["run", "rpg", "--help-all"]) == 0
+    everything = capsys.readouterr().out
+    assert len(everything.splitlines()) > 500 and "--gradient_checkpointing" in everything
+
+
+def test_dry_run_prints_the_launch_line_and_no_warning(tmp_path):
+    # A fresh process, as a user runs it: no library's warning (bitsandbytes' CPU kernel, accelerate's guessed
+    # defaults, deprecations) on a command that only prints.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    result = subprocess.run([sys.executable, "-m", "llmreg", "run", "sft", "--max_steps", "5", "--dry_run"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
+    assert result.stdout.count("\n") == 1 and "accelerate.commands.launch" in result.stdout
+    assert "--quiet" in result.stdout and "--max_steps 5" in result.stdout
 
 
 def test_run_refuses_an_unknown_method_listing_the_valid_ones(capsys):

@@ -137,7 +137,7 @@ def _warm_start(model, tokenizer, seed: int, steps: int, show_progress: bool) ->
     )
     model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="warm-start SFT", disable=not show_progress):
+    for _ in tqdm(range(steps), desc="building the lab model: warm-start SFT", disable=not show_progress):
         if not batches:
             batches = _length_bucketed_batches(examples, rng)
         batch = _collate([examples[i] for i in batches.pop()], tokenizer.pad_token_id)
@@ -221,7 +221,8 @@ def build_once(path: Path, build, description: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not is_lab_model(path):  # another process may have built it while this one waited for the lock
-            logger.info("Building %s into %s (once; later loads are instant).", description, path)
+            # A warning, so that it shows by default: the first run of a recipe spends minutes here, not training.
+            logger.warning("Building %s into %s (once; later loads are instant).", description, path)
             # Built aside and renamed into place, so an interrupted build never leaves a half-written model behind.
             staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
             try:
