@@ -151,12 +151,12 @@ class Stage:
             PartialState().wait_for_everyone()
             return
         if recorded is None:
-            problem = f"{directory} exists but holds no record of the settings that made it ({RECORD})"
+            problem = f"{directory} exists but holds no record of the settings that made it ({RECORD}). "
         else:
             changes = "\n  ".join(settings_changes(recorded, self.settings))
             problem = f"{directory} was made with other settings:\n  {changes}\n"
         raise StageSettingsError(
-            f"{problem} A rerun reuses finished stages, so their results would be reported under the new settings. "
+            f"{problem}A rerun reuses finished stages, so their results would be reported under the new settings. "
             "Pass a new --output_dir, or --overwrite to delete the old stage and recompute it (or rerun with the "
             f"recorded settings, in {directory / RECORD})."
         )
