@@ -119,10 +119,10 @@ def run_name(method: str, point: dict, seed: int, experiment_name: str | None) -
 
 def load_sweep(path: Path) -> Sweep:
     """Read and check a sweep file, and expand it into its runs. Errors name the key and the fix."""
-    from llmreg.recipe_utils import LaunchArguments
+    from llmreg.recipe_utils import LaunchArguments, check_yaml_config
 
     path = Path(path)
-    spec = yaml.safe_load(path.read_text())
+    spec = check_yaml_config(str(path))  # an unreadable file or bad YAML: the file, line and problem
     check_keys(spec, SWEEP_KEYS, str(path))
     launch = spec.get("launch", "sequential")
     if launch not in LAUNCH_MODES:
@@ -163,7 +163,7 @@ def load_sweep(path: Path) -> Sweep:
                                  "`output_dir:` at the top of the sweep file).")
         base = {}  # the config file's keys (its seed and output_dir are replaced), then the settings
         if "config" in experiment:
-            base = yaml.safe_load(resolve_config(experiment["config"], path).read_text()) or {}
+            base = check_yaml_config(str(resolve_config(experiment["config"], path)))
         base.update(settings)
         launch_options = sorted(launch_keys & (set(base) | set(grid)))
         if launch_options and launch == "sequential":

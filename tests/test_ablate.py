@@ -236,3 +236,15 @@ def test_separate_launches_run_each_recipe_through_accelerate_with_its_launch_op
     assert len([entry for entry in json.loads((good / "trainer_state.json").read_text())["log_history"]
                 if "loss" in entry]) == 2
     assert "no-such-schedule" in (bad / "error.txt").read_text() and not bad.with_suffix("").exists()
+
+
+def test_an_invalid_sweep_file_names_itself_and_the_line(tmp_path, capsys):
+    from llmreg.cli import main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("seeds: [0,\nexperiments: []\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", str(path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"{path}, line 3, column 1: not valid YAML" in error and "<unicode string>" not in error

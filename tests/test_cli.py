@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +199,19 @@ def test_lab_info_lists_the_real_lab_models_built_or_how_to_build_them(lab_model
         path = LAB_MODEL_DIRS[model_id]()
         expected = f"  path        {path}" if is_lab_model(path) else f"`llmreg lab build --model {model_id}`"
         assert f"\n{model_id}  (" in printed and expected in printed
+
+
+@pytest.mark.slow
+def test_the_wheel_builds_without_setuptools_warnings_and_ships_the_recipes(tmp_path):
+    repo = Path(llmreg.__file__).parents[1]
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", str(repo), "-w",
+               str(tmp_path / "wheel")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BuildBackendWarning" not in result.stdout + result.stderr
+    import zipfile
+
+    names = zipfile.ZipFile(next((tmp_path / "wheel").glob("llmreg-*.whl"))).namelist()
+    for shipped in ("llmreg/recipes/rspo.py", "llmreg/recipes/configs/rspo.yaml",
+                    "llmreg/recipes/sweeps/rpg_variants.yaml", "llmreg/accelerate_configs/single_process.yaml"):
+        assert shipped in names, shipped
