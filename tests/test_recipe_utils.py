@@ -226,3 +226,38 @@ def test_every_recipe_quantizes_the_base_for_qlora_and_refuses_it_without_lora(r
     parsed = parse_recipe_args(recipe.make_parser(), ["--load_in_4bit", "--use_peft", "false"])
     with pytest.raises(ValueError, match="add --use_peft"):
         model_init_kwargs(parsed[-1], parsed[-2])
+
+
+def test_ctrl_c_and_bad_input_in_a_recipe_end_in_one_line(tmp_path, capsys):
+    from llmreg.recipe_utils import run_recipe
+
+    def interrupted(*parsed):
+        raise KeyboardInterrupt
+
+    def refused(*parsed):
+        raise InputError("the dataset has no 'prompt' column")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(interrupted, sft.make_parser(), ["--output_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 130
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and str(tmp_path / "run") in message and "rerun the same command" in message
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(refused, sft.make_parser(), ["--output_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: the dataset has no 'prompt' column")
+
+
+def test_ctrl_c_in_llmreg_ends_in_one_line(monkeypatch, capsys):
+    import llmreg.ablate
+    from llmreg.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmreg.ablate, "ablate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ablate", "sweep.yaml"])
+    assert exit_info.value.code == 130
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "rerun the same command to continue" in message and "Traceback" not in message
