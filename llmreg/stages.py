@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from llmreg.errors import InputError
 
@@ -137,8 +138,8 @@ class Stage:
             return None
 
     def _check(self, directory: Path) -> None:
-        """Refuse ``directory`` (the stage, finished or not) if it was made with other settings; delete it instead
-        under ``overwrite``."""
+        """Main process only: refuse ``directory`` (the stage, finished or not) if it was made with other settings;
+        delete it instead under ``overwrite``."""
         recorded = self._recorded(directory)
         if recorded == self.settings:
             return
@@ -146,9 +147,7 @@ class Stage:
         if self.overwrite or (recorded is None and directory == self.partial):
             if recorded is not None:
                 logger.warning("--overwrite: deleting %s (made with other settings) to recompute it.", directory)
-            if PartialState().is_main_process:
-                shutil.rmtree(directory)
-            PartialState().wait_for_everyone()
+            shutil.rmtree(directory)
             return
         if recorded is None:
             problem = f"{directory} exists but holds no record of the settings that made it ({RECORD}). "
@@ -163,11 +162,25 @@ class Stage:
 
     def is_finished(self) -> bool:
         """True when the stage exists with these settings. Raises ``StageSettingsError`` when it, or an unfinished
-        attempt at it, exists with other settings (unless ``overwrite``: then that is deleted)."""
-        for directory in (self.path, self.partial):
-            if directory.exists():
-                self._check(directory)
-        return self.path.exists()
+        attempt at it, exists with other settings (unless ``overwrite``: then that is deleted).
+
+        The main process looks, after every process got here, and tells the others: processes that each looked at
+        the directory themselves could see it at different moments of its making and part ways."""
+        state = PartialState()
+        state.wait_for_everyone()
+        outcome = [None]
+        if state.is_main_process:
+            try:
+                for directory in (self.path, self.partial):
+                    if directory.exists():
+                        self._check(directory)
+                outcome = [("finished", self.path.exists())]
+            except StageSettingsError as error:
+                outcome = [("refused", str(error))]
+        kind, value = broadcast_object_list(outcome, from_process=0)[0]
+        if kind == "refused":
+            raise StageSettingsError(value)
+        return value
 
     @contextmanager
     def build(self):
@@ -175,18 +188,19 @@ class Stage:
         when the block ends without an exception, record the stage as finished and move it into place."""
         if self.is_finished():
             raise RuntimeError(f"Stage {self.path} is already finished; check is_finished() before build().")
-        resumed = self.partial.exists()
-        if PartialState().is_main_process:
-            self.partial.mkdir(parents=True, exist_ok=True)
-            if not resumed:
+        state = PartialState()
+        if state.is_main_process:
+            if self.partial.exists():
+                logger.warning("Continuing the unfinished stage %s (interrupted earlier, same settings).",
+                               self.partial)
+            else:
+                self.partial.mkdir(parents=True)
                 (self.partial / RECORD).write_text(json.dumps({"settings": self.settings, "finished": False},
                                                               indent=1))
-        PartialState().wait_for_everyone()
-        if resumed:
-            logger.warning("Continuing the unfinished stage %s (interrupted earlier, same settings).", self.partial)
+        state.wait_for_everyone()
         yield self.partial
-        PartialState().wait_for_everyone()
-        if PartialState().is_main_process:
+        state.wait_for_everyone()
+        if state.is_main_process:
             record = self.partial / RECORD
             temporary = record.with_name(RECORD + ".tmp")
             temporary.write_text(json.dumps({"settings": self.settings, "finished": True}, indent=1))
@@ -194,7 +208,7 @@ class Stage:
             _fsync_tree(self.partial)
             os.replace(self.partial, self.path)
             _fsync_directory(self.path.parent)
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
 
 
 def checkpoint_problem(checkpoint: Path | str) -> str | None:
