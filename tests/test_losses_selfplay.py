@@ -447,7 +447,8 @@ def test_two_kl_opponent_closed_form_and_spin_mixture(alpha):
     mixed = spin_loss(policy[real], policy[gen], iterate_logps[real], iterate_logps[gen], beta=lam,
                       base_real=ref_logps[real], base_gen=ref_logps[gen], alpha=alpha)
     against_mixture = spin_loss(policy[real], policy[gen], mixture[real], mixture[gen], beta=lam)
-    torch.testing.assert_close(mixed, against_mixture, rtol=0, atol=1e-7)
+    # The mixture comes from a numerical optimizer (LBFGS), converged to about 1e-7: compare at its accuracy.
+    torch.testing.assert_close(mixed, against_mixture, rtol=0, atol=1e-6)
 
 
 def alpha_spin_step(iterate, beta, alpha):

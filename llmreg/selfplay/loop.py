@@ -219,7 +219,7 @@ class SelfPlayLoop:
                 group = sample_completions(model, self.tokenizer, prompts[start:start + batch],
                                            num_samples=num_samples, max_new_tokens=max_new_tokens,
                                            temperature=temperature, top_p=top_p, batch_size=batch,
-                                           seed=seed + start, show_progress=False)
+                                           seed=seed + start, desc=desc, show_progress=False)
                 local.append((start, group))
             del model
         gathered = sorted(gather_object(local), key=lambda item: item[0])

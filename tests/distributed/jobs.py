@@ -51,9 +51,11 @@ RECIPE_ARGS = {
     "rpg": [str(RECIPES / "rpg.py"), "--config", str(CONFIGS / "rpg_lab.yaml"), "--max_steps", "4",
             "--logging_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
             "--rpg_beta", "0.05", "--steps_per_generation", "2", "--save_strategy", "steps", "--save_steps", "2"],
-    # 32 prompts x 4 samples: about a third give pairs (the rest tie and are dropped), two steps' worth. A single step
-    # of pairs crashes DeepSpeed ZeRO-3's parameter trace (docs/rspo.md, Limits).
-    "rspo": [str(RECIPES / "rspo.py"), "--iterations", "1", "--prompts_per_iteration", "32", "--num_samples", "4",
+    # 64 prompts x 4 samples: about a third give pairs (the rest tie and are dropped), two or more steps' worth with a
+    # margin (which prompts tie depends on the samples, and so on the CPU's arithmetic: 32 prompts gave 10 pairs on one
+    # machine and a single step on another). A single step of pairs crashes DeepSpeed ZeRO-3's parameter trace
+    # (docs/rspo.md, Limits).
+    "rspo": [str(RECIPES / "rspo.py"), "--iterations", "1", "--prompts_per_iteration", "64", "--num_samples", "4",
              "--num_eval_prompts", "8", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
              "--generation_batch_size", "8", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2"],
     "spin": [str(RECIPES / "spin.py"), "--iterations", "1", "--prompts_per_iteration", "16", "--num_eval_prompts",

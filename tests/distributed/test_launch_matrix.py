@@ -84,7 +84,7 @@ def test_every_recipe_trains_saves_and_reloads(matrix, lab_model_dir, config, re
         # Each process samples whole generation batches, seeded by their position: every prompt has its samples, in
         # prompt order, and the same ones as on one process.
         rows = (output / "iter_1" / "generations.jsonl").read_text().splitlines()
-        assert len(rows) == (32 if recipe == "rspo" else 16)  # jobs.RECIPE_ARGS' prompts_per_iteration
+        assert len(rows) == (64 if recipe == "rspo" else 16)  # jobs.RECIPE_ARGS' prompts_per_iteration
         if config != SINGLE:
             single = matrix(SINGLE).output(f"recipe_{recipe}") / "iter_1" / "generations.jsonl"
             assert rows == single.read_text().splitlines()
