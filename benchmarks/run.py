@@ -264,10 +264,27 @@ def make_reweight_vs_uniform_case():
     return make_reweight_case(baseline="uniform")
 
 
+def make_reweight_step_scope_case():
+    """LinUpper weighted over the whole optimizer step (``reweight_scope="step"``: one extra forward pass without
+    gradients over the step's micro-batches) against the same weights per micro-batch, both with 4 micro-batches of 2
+    rows per step: the price of the paper's minibatch under gradient accumulation."""
+    model_dir = benchmark_model()
+    dataset = prompts_lengthened(arithmetic_dataset(NUM_EXAMPLES))
+    kwargs = dict(COMMON_ARGS, per_device_train_batch_size=batch(2), gradient_accumulation_steps=4,
+                  max_length=max_length(), learning_rate=1e-4, reweight_strategy="linupper", reweight_r=1.0)
+
+    def make(scope):
+        return lambda: ReweightTrainer(model=model_dir, args=ReweightConfig(**kwargs, reweight_scope=scope),
+                                       train_dataset=dataset)
+
+    return make("step"), make("micro_batch")
+
+
 CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "spin": make_spin_case,
          "booster": make_booster_case, "booster_equal_passes": make_booster_equal_passes_case,
          "vaccine": make_vaccine_case, "lora_dropout": make_lora_dropout_case, "l1": make_l1_case,
-         "reweight": make_reweight_case, "reweight_vs_uniform": make_reweight_vs_uniform_case}
+         "reweight": make_reweight_case, "reweight_vs_uniform": make_reweight_vs_uniform_case,
+         "reweight_step_scope": make_reweight_step_scope_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

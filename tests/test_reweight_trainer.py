@@ -1,7 +1,7 @@
 """ReweightTrainer (llmreg/reweight): uniform weights are SFTTrainer exactly (gradient accumulation included), the
-gradient is the weighted loss by hand, the warmup is uniform and a run resumed inside it equals the straight run,
-packed padding-free batches weight documents, bad options are refused, and 2 processes equal 1 process under DDP and
-DeepSpeed ZeRO-3."""
+gradient is the weighted loss by hand, weights over the whole step make 8 micro-batches of 1 equal 1 of 8, the
+warmup is uniform and a run resumed inside it equals the straight run, packed padding-free batches weight documents,
+bad options are refused, and 2 processes equal 1 process under DDP and DeepSpeed ZeRO-3."""
 
 
 import pytest
@@ -74,6 +74,30 @@ def test_gradient_is_the_weighted_loss_by_hand(lab_model_dir, tmp_path, strategy
     assert logged["reweight/weight_max"][-1] == pytest.approx(weights.max().item(), rel=1e-5)
 
 
+def test_step_scope_weighs_the_whole_step_whatever_the_accumulation(lab_model_dir, tmp_path):
+    def run(name, batch, accumulation, scope, strategy="linupper"):
+        trainer = make_trainer(lab_model_dir, tmp_path / name, reweight_strategy=strategy, reweight_r=0.4,
+                               reweight_scope=scope, per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=accumulation)
+        return trained(trainer), trainer
+
+    whole, whole_trainer = run("1x8", 8, 1, "step")
+    accumulated, accumulated_trainer = run("8x1", 1, 8, "step")
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-5, atol=1e-6)
+    # The weights are logged once per step, over its 8 samples.
+    sizes = [[e["reweight/effective_sample_size"] for e in t.state.log_history if "reweight/effective_sample_size"
+              in e] for t in (whole_trainer, accumulated_trainer)]
+    assert sizes[1] == pytest.approx(sizes[0], rel=1e-4) and all(1 < size < 7.9 for size in sizes[0])
+    # Per micro-batch (the reference's scope), a micro-batch of 1 sample gives it weight 1: uniform weights, SFT's
+    # update, which the step's weights move away from.
+    per_micro_batch, _ = run("8x1-micro", 1, 8, "micro_batch")
+    uniform, _ = run("8x1-uniform", 1, 8, "micro_batch", strategy="uniform")
+    for name, value in uniform.items():
+        torch.testing.assert_close(per_micro_batch[name], value, rtol=1e-6, atol=1e-7)
+    assert max((uniform[name] - whole[name]).abs().max().item() for name in whole) > 1e-4
+
+
 def test_warmup_is_uniform_and_resume_inside_it_equals_the_straight_run(lab_model_dir, tmp_path):
     options = {"reweight_warmup_steps": 2, "max_steps": 4, "save_steps": 1, "save_strategy": "steps"}
     straight = make_trainer(lab_model_dir, tmp_path / "straight", **options)
@@ -111,6 +135,7 @@ def test_packed_padding_free_batches_weight_each_document(lab_model_dir, tmp_pat
 @pytest.mark.parametrize(("options", "message"), [
     ({"reweight_strategy": "linear"}, "valid strategies: uniform, linupper, quadratic, extremes"),
     ({"reweight_r": 0.0}, "reweight_r and reweight_delta must be > 0"),
+    ({"reweight_scope": "epoch"}, "valid scopes: micro_batch, step"),
     ({"reweight_r_decay_steps": 5}, "set both, or neither"),
     ({"reweight_r_start": 2.0}, "reweight_r_decay_steps > 0"),
 ])

@@ -8,6 +8,9 @@ from llmreg.losses.reweighting import STRATEGIES
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
 
+SCOPES = ("micro_batch", "step")
+
+
 @dataclass
 class ReweightConfig(SFTConfig):
     r"""
@@ -30,6 +33,12 @@ class ReweightConfig(SFTConfig):
         `reweight_r_decay_steps` (the README's suggestion: a large r first, then lower). `None`: r is constant.
     reweight_r_decay_steps (`int`, *optional*, defaults to `0`):
         Steps of that linear schedule.
+    reweight_scope (`str`, *optional*, defaults to `"micro_batch"`):
+        Which samples one softmax weighs against each other. `micro_batch`: each gradient-accumulation micro-batch
+        (its rows on every process), as the reference code does, from the training forward pass alone. `step`: all
+        the samples of the optimizer step (the paper's minibatch), whatever the accumulation: one extra forward
+        pass without gradients over the step's micro-batches gives their losses first. The two are the same with
+        `gradient_accumulation_steps=1`, where `step` adds no pass.
     """
 
     reweight_strategy: str = field(
@@ -42,6 +51,11 @@ class ReweightConfig(SFTConfig):
         default=None, metadata={"help": "r after the warmup, moving linearly to reweight_r; None = constant r."}
     )
     reweight_r_decay_steps: int = field(default=0, metadata={"help": "Steps of the linear r schedule."})
+    reweight_scope: str = field(
+        default="micro_batch",
+        metadata={"help": "Samples weighed together: micro_batch (the reference code) or step (the paper's minibatch, "
+                          "over all accumulated micro-batches; one extra no-grad forward when accumulating)."},
+    )
 
     def __post_init__(self):
         # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
@@ -50,6 +64,8 @@ class ReweightConfig(SFTConfig):
         if self.reweight_strategy not in STRATEGIES:
             raise ValueError(f"Unknown reweight_strategy {self.reweight_strategy!r}; valid strategies: "
                              f"{', '.join(STRATEGIES)}.")
+        if self.reweight_scope not in SCOPES:
+            raise ValueError(f"Unknown reweight_scope {self.reweight_scope!r}; valid scopes: {', '.join(SCOPES)}.")
         if self.reweight_r <= 0 or self.reweight_delta <= 0:
             raise ValueError(f"reweight_r and reweight_delta must be > 0, got {self.reweight_r} and "
                              f"{self.reweight_delta}.")

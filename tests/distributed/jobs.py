@@ -75,6 +75,9 @@ STEP_ARGS = {
     "booster_lora": [str(SCRIPTS / "booster_step.py"), "--vaccine_rho", "2", *LORA],
     "lora_l1": [str(SCRIPTS / "lora_regularizers_step.py"), "--l1_lambda", "0.05"],
     "reweight": [str(SCRIPTS / "reweight_step.py")],
+    # One softmax over both micro-batches of the step, on both processes.
+    "reweight_step_scope": [str(SCRIPTS / "reweight_step.py"), "--reweight_scope", "step",
+                            "--gradient_accumulation_steps", "2"],
     "unlearn_scrub": [str(SCRIPTS / "unlearn_step.py"), "--objective", "scrub", "--l1_lambda", "0.01"],
     "unlearn_dpo": [str(SCRIPTS / "unlearn_step.py"), "--objective", "dpo", "--l1_lambda", "0.01"],
     "rpg": [str(SCRIPTS / "rpg_step.py")],
