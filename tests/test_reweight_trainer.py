@@ -98,6 +98,22 @@ def test_step_scope_weighs_the_whole_step_whatever_the_accumulation(lab_model_di
     assert max((uniform[name] - whole[name]).abs().max().item() for name in whole) > 1e-4
 
 
+def test_step_scope_costs_one_extra_forward_per_micro_batch_only_when_it_weighs(lab_model_dir, tmp_path):
+    def forwards(name, accumulation=4, **options):
+        trainer = make_trainer(lab_model_dir, tmp_path / name, reweight_scope="step", per_device_train_batch_size=2,
+                               gradient_accumulation_steps=accumulation, max_steps=2, **options)
+        calls = []
+        trainer.model.register_forward_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+        trainer.train()
+        return calls
+
+    weighing = forwards("linupper", reweight_strategy="linupper")
+    assert weighing.count(False) == 8 and weighing.count(True) == 8  # 2 steps x 4 micro-batches, each pass
+    assert forwards("uniform", reweight_strategy="uniform") == [True] * 8  # uniform weights need no losses first
+    assert forwards("warmup", reweight_strategy="linupper", reweight_warmup_steps=1).count(False) == 4
+    assert forwards("one", accumulation=1, reweight_strategy="linupper") == [True] * 2
+
+
 def test_warmup_is_uniform_and_resume_inside_it_equals_the_straight_run(lab_model_dir, tmp_path):
     options = {"reweight_warmup_steps": 2, "max_steps": 4, "save_steps": 1, "save_strategy": "steps"}
     straight = make_trainer(lab_model_dir, tmp_path / "straight", **options)
