@@ -89,7 +89,9 @@ def directory(output_dir: Path, setting: str, variant: str, seed: int) -> Path:
     return output_dir / setting / "".join(c if c.isalnum() else "_" for c in variant) / f"seed{seed}"
 
 
-def run(setting: str, variant: str, seed: int, output_dir: Path) -> Path:
+def run(setting: str, variant: str, seed: int, output_dir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """One ``recipes/ftaas.py`` run (skipped when finished); ``extra`` options follow the setting's and variant's
+    (benchmarks/claims/booster.py passes the real model and its sizes)."""
     run_dir = directory(output_dir, setting, variant, seed)
     source = directory(output_dir, ALIGNMENT_OF.get(setting, setting), variant, seed)
     if source != run_dir and (source / "results.json").exists() and not (run_dir / "align").exists():
@@ -98,7 +100,7 @@ def run(setting: str, variant: str, seed: int, output_dir: Path) -> Path:
     if not (run_dir / "results.json").exists():
         command = [sys.executable, str(REPO / "recipes" / "ftaas.py"), "--output_dir", str(run_dir),
                    "--seed", str(seed), "--harmful_ratios", *map(str, RATIOS), "--logging_steps", "10",
-                   *SETTINGS[setting], *VARIANTS[variant]]
+                   *SETTINGS[setting], *VARIANTS[variant], *extra]
         print("running", " ".join(command[1:]), flush=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
         log = run_dir.with_suffix(".log")
