@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import claim_parser, default_jobs, write_report
+from common import claim_parser, default_jobs, parse_claim_args, write_report
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,9 +55,7 @@ SIZES = {
 
 def main(argv=None) -> dict:
     parser = claim_parser(__doc__, default_seeds=[0])
-    args = parser.parse_args(argv)
-    if args.scale == "paper" and args.seeds == [0]:
-        args.seeds = [0, 1, 2]
+    args = parse_claim_args(parser, argv)
     output_dir = (args.output_dir or booster_lab.REPO / "outputs" / "claims" / "booster") / args.scale
     extra = ("--model_name_or_path", args.model, *SIZES[args.scale])
     started = time.time()

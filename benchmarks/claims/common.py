@@ -32,11 +32,21 @@ def claim_parser(doc: str, default_seeds: list[int]) -> argparse.ArgumentParser:
     parser.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
                         help="cpu: sized for ~30 minutes on a 2-core CPU; paper: the paper's size, for a GPU.")
     parser.add_argument("--model", default=REAL_MODEL, help="The model every arm starts from.")
-    parser.add_argument("--seeds", nargs="+", type=int, default=default_seeds)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help=f"Default: {' '.join(map(str, default_seeds))} (cpu), 0 1 2 (paper).")
+    parser.set_defaults(cpu_seeds=default_seeds)
     parser.add_argument("--jobs", type=int, default=None,
                         help="Arms trained at once (default: one per 1 CPU core, at most 2, on a CPU; 1 on a GPU).")
     parser.add_argument("--output-dir", type=Path, default=None, help="Default: outputs/claims/<script name>.")
     return parser
+
+
+def parse_claim_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The parsed options, with ``--seeds`` defaulting by scale: the script's CPU seeds, or 0 1 2 at paper scale."""
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = args.cpu_seeds if args.scale == "cpu" else [0, 1, 2]
+    return args
 
 
 def default_jobs() -> int:

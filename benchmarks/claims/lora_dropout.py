@@ -26,7 +26,7 @@ import random
 import time
 from pathlib import Path
 
-from common import RECIPES, claim_parser, default_jobs, fmt, run_arms, write_report
+from common import RECIPES, claim_parser, default_jobs, fmt, parse_claim_args, run_arms, write_report
 
 
 SIZES = {
@@ -74,9 +74,7 @@ def arm_name(row: dict) -> str:
 def main(argv=None) -> dict:
     parser = claim_parser(__doc__, default_seeds=[0, 1])
     parser.add_argument("--task", choices=list(TASKS), default="parity")
-    args = parser.parse_args(argv)
-    if args.scale == "paper" and args.seeds == [0, 1]:
-        args.seeds = [0, 1, 2]
+    args = parse_claim_args(parser, argv)
     output_dir = args.output_dir or RECIPES.parent / "outputs" / "claims" / "lora_dropout"
     size = SIZES[args.scale]
     started = time.time()

@@ -22,7 +22,7 @@ import json
 import statistics
 import time
 
-from common import RECIPES, claim_parser, default_jobs, fmt, run_arms, write_report
+from common import RECIPES, claim_parser, default_jobs, fmt, parse_claim_args, run_arms, write_report
 
 
 STRATEGIES = ["uniform", "linupper", "quadratic"]
@@ -69,9 +69,7 @@ def weight_by_kind(model_name: str, num_rows: int, batch_size: int, r: float = 1
 
 def main(argv=None) -> dict:
     parser = claim_parser(__doc__, default_seeds=[0, 1])
-    args = parser.parse_args(argv)
-    if args.scale == "paper" and args.seeds == [0, 1]:
-        args.seeds = [0, 1, 2]
+    args = parse_claim_args(parser, argv)
     output_dir = args.output_dir or RECIPES.parent / "outputs" / "claims" / "reweight"
     size = SIZES[args.scale]
     started = time.time()
