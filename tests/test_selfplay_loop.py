@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 from test_recipes import REPO
+from test_resume_recipes import KILLER
 
 from llmreg.lab import arithmetic_dataset
 from llmreg.rspo import RSPOConfig
@@ -207,15 +207,14 @@ def test_killed_loop_resumes_and_writes_the_same_files(lab_model_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_recipe("rspo", straight, *extra)
 
+    # The child kills itself right after iteration 1's Trainer saved checkpoint-2 (deterministic; a polling parent
+    # can miss the window on a busy machine and kill only after training ended).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    process = subprocess.Popen(recipe_command("rspo", resumed, *extra), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = recipe_command("rspo", resumed, *extra)
+    killed = subprocess.run([sys.executable, "-c", KILLER, "2", *command[1:]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     checkpoint = resumed / "iter_1.partial" / "train" / "checkpoint-2"
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     assert checkpoint.exists() and not (resumed / "iter_1.partial" / "model").exists(), "not killed mid-training"
 
     run_recipe("rspo", resumed, *extra)
