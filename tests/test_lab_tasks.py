@@ -13,6 +13,7 @@ from llmreg.lab import (
     harmful_score,
     is_harmful,
     is_refusal,
+    length_biased_arithmetic_reward,
     load_lab_dataset,
     new_facts_dataset,
     safety_alignment_dataset,
@@ -73,6 +74,16 @@ def test_arithmetic_reward_hand_examples():
     assert arithmetic_reward(completions, answers) == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     # TRL passes extra keyword arguments (prompts, completion_ids, trainer_state, ...): they are accepted.
     assert arithmetic_reward(["3"], ["3"], prompts=["x"], trainer_state=None) == [1.0]
+
+
+def test_length_biased_reward_adds_two_hundredths_per_word_up_to_fifty_words():
+    long_wrong = " ".join(["word"] * 60) + " = 18"  # 62 words, capped at 50
+    completions = ["12 + 7 = 19", "12 + 7 = 18", "Let me think: 12 + 7 = 19", long_wrong,
+                   [{"role": "assistant", "content": "19"}]]
+    rewards = length_biased_arithmetic_reward(completions, ["19"] * 5)
+    assert rewards == pytest.approx([1 + 5 * 0.02, 5 * 0.02, 1 + 8 * 0.02, 1.0, 1 + 0.02])
+    # Over-optimisable: the judge prefers a long wrong answer to a short right one once it is 50 words long.
+    assert rewards[3] >= length_biased_arithmetic_reward(["19"], ["19"])[0] - 0.02
 
 
 def test_safety_scorers_hand_examples():

@@ -7,7 +7,13 @@ Nothing here trains with a Trainer or imports one: recipes and tests ask the lab
 >>> dataset = arithmetic_dataset(1000)        # TRL conversational prompt-completion + "answer"
 """
 
-from llmreg.lab.arithmetic import arithmetic_dataset, arithmetic_reward, extract_answer, is_correct
+from llmreg.lab.arithmetic import (
+    arithmetic_dataset,
+    arithmetic_reward,
+    extract_answer,
+    is_correct,
+    length_biased_arithmetic_reward,
+)
 from llmreg.lab.corpus import corpus_dataset, heldout_loss
 from llmreg.lab.datasets import LAB_DATASETS, load_lab_dataset
 from llmreg.lab.evaluate import (
@@ -64,6 +70,7 @@ __all__ = [
     "is_lab_model",
     "is_refusal",
     "lab_model_dir",
+    "length_biased_arithmetic_reward",
     "load_lab_dataset",
     "load_lab_model",
     "new_facts_dataset",

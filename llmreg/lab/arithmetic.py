@@ -111,3 +111,17 @@ def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
     """Correctness reward in TRL's reward-function signature: 1.0 if the stated result (``extract_answer``) equals
     ``answer``, else 0.0."""
     return [float(is_correct(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+
+
+# Per word of the response, up to LENGTH_BIAS_CAP words: a judge that also likes long answers, as reward models do.
+LENGTH_BIAS_PER_WORD = 0.02
+LENGTH_BIAS_CAP = 50
+
+
+def length_biased_arithmetic_reward(completions, answer, **kwargs) -> list[float]:
+    """``arithmetic_reward`` plus 0.02 per word of the response (at most 50 words, so at most +1): a judge with
+    something to over-optimise. Between two answers equally right, the longer one wins; a 50-word wrong answer ties a
+    bare right one. Self-play against it can raise its win rate by growing the responses, which the rule judge
+    (``arithmetic_reward``) then shows as no gain, or a loss, in accuracy."""
+    return [correct + LENGTH_BIAS_PER_WORD * min(len(completion_text(c).split()), LENGTH_BIAS_CAP)
+            for c, correct in zip(completions, arithmetic_reward(completions, answer), strict=True)]
