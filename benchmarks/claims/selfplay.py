@@ -6,7 +6,7 @@
 - α-SPIN and fictitious play (KL-regularized SPIN: the geometric-mixture opponent, and the opponent over the last
   iterates): the policy stays closer to the base than SPIN's, at an equal accuracy.
 
-    python benchmarks/claims/selfplay.py --method rspo    # SPPO vs RSPO reverse KL (λ = 0.5), 2 seeds (~25 min on 2 cores)
+    python benchmarks/claims/selfplay.py --method rspo    # SPPO vs RSPO (λ = 0.5), 2 seeds (~25 min, 2 cores)
     python benchmarks/claims/selfplay.py --method spin    # SPIN vs α-SPIN, 2 seeds (~16 minutes)
     python benchmarks/claims/selfplay.py --method spin --arms SPIN "SPIN history 2"   # any arms of ARMS
     python benchmarks/claims/selfplay.py --method rspo --scale paper   # more prompts and iterations (a GPU)
