@@ -8,7 +8,7 @@
 
     python benchmarks/claims/selfplay.py --method rspo    # SPPO vs RSPO (λ = 0.5), 2 seeds (~25 min, 2 cores)
     python benchmarks/claims/selfplay.py --method spin    # SPIN vs α-SPIN, 2 seeds (~16 minutes)
-    python benchmarks/claims/selfplay.py --method spin --arms SPIN "SPIN history 2"   # any arms of ARMS
+    python benchmarks/claims/selfplay.py --method spin --arms SPIN "SPIN history 2 (data)"   # any arm of ARMS
     python benchmarks/claims/selfplay.py --method rspo --scale paper   # more prompts and iterations (a GPU)
 
 Each arm is ``recipes/rspo.py`` or ``recipes/spin.py`` on ``llmreg/smollm2-135m`` (full fine-tuning, as the papers),
@@ -30,24 +30,17 @@ standard error), with each arm's paired difference from SPPO's / SPIN's at the l
 """
 
 import json
+import sys
 import time
+from pathlib import Path
 
 from common import RECIPES, claim_parser, default_jobs, fmt, parse_claim_args, run_arms, write_report
 
 
-ARMS = {
-    "rspo": {
-        "SPPO": ["--regularizers", ""],
-        "RSPO reverse KL (λ=0.05)": ["--regularizers", "reverse_kl=0.05"],
-        "RSPO reverse KL (λ=0.5)": ["--regularizers", "reverse_kl=0.5"],
-        "RSPO IS-forward + reverse KL (λ=0.01, 0.05)": ["--regularizers", "forward_kl_is=0.01,reverse_kl=0.05"],
-    },
-    "spin": {
-        "SPIN": [],
-        "α-SPIN (α=0.5)": ["--alpha", "0.5"],
-        "SPIN history 2": ["--history", "2"],
-    },
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from selfplay_lab import ABLATIONS as ARMS  # the tiny lab's arms: the same options on the real model
+
+
 BASELINE = {"rspo": "SPPO", "spin": "SPIN"}
 CPU_ARMS = {"rspo": ["SPPO", "RSPO reverse KL (λ=0.5)"], "spin": ["SPIN", "α-SPIN (α=0.5)"]}
 # Per method and scale. At the CPU scale, prompts whose K responses tie (same correctness and word count) give no
