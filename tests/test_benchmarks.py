@@ -93,9 +93,10 @@ def test_compare_rejects_a_trainer_whose_max_steps_cannot_hold_a_round():
         harness.compare(make_short, make_short, rounds=1, steps_per_round=3, warmup_steps=2)
 
 
-def test_run_benchmarks_a_given_model_directory_and_counts_tokens(tmp_path, capsys, monkeypatch):
+def test_run_benchmarks_a_given_model_directory_and_counts_tokens(tmp_path, capsys, monkeypatch, lab_model_dir):
     # What benchmarks/gpu_check.sh does with a random ~0.5B model, at the lab model's size: --model replaces the lab
-    # model, and tokens/s comes from the Trainer's count of non-padding input tokens.
+    # model, and tokens/s comes from the Trainer's count of non-padding input tokens. The random model takes the lab
+    # model's tokenizer (hence the fixture).
     import random_model
     import run
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers import REPO, launch
 from safetensors.torch import load_file
-from test_recipes import REPO, launch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 

@@ -6,8 +6,8 @@ that cannot work are refused before training, with the reason and the fix."""
 
 import pytest
 import torch
+from helpers import length_reward
 from peft import LoraConfig
-from test_rpg_trainer import length_reward
 from trl import SFTConfig, SFTTrainer
 
 from llmreg.booster import BoosterConfig, BoosterTrainer

@@ -144,6 +144,7 @@ def test_generation_is_greedy_and_repeatable(lab_model_dir):
     assert generate_completions(model, tokenizer, prompts, show_progress=False) == first
 
 
+@pytest.mark.slow  # the full lab evaluation, then a short one
 def test_cli_lab_eval_reproduces_the_build_time_scores_and_compares_other_models(lab_model_dir, tmp_path, capsys):
     import shutil
 

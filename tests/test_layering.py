@@ -62,3 +62,13 @@ def test_method_folders_import_nothing_above_them(path):
 def test_the_multi_stage_loops_do_not_import_entry_points(path):
     modules = imported_modules(path)
     assert not {m for m in modules if m.startswith(("llmreg.recipe_utils", "llmreg.cli", "recipes"))}
+
+
+def test_no_test_module_imports_another():
+    # Shared helpers live in tests/helpers.py (and tests/loss_audit.py): importing a test module from another runs its
+    # module-level setup and collects nothing, and moving a test then breaks an unrelated file.
+    tests = Path(__file__).parent
+    importers = {path.relative_to(tests).as_posix(): sorted(m for m in imported_modules(path)
+                                                             if m.split(".")[0].startswith("test_"))
+                 for path in sorted(tests.rglob("*.py"))}
+    assert not {path: modules for path, modules in importers.items() if modules}

@@ -3,8 +3,8 @@ N = 2 averages the losses of two mask draws, and evaluation can use the test-tim
 
 import pytest
 import torch
+from helpers import pairs, rspo_config
 from peft import LoraConfig
-from test_rspo_trainer import pairs, rspo_config
 from trl import SFTConfig, SFTTrainer
 
 from llmreg.lab import arithmetic_dataset
@@ -205,7 +205,7 @@ def test_expected_calibration_error_by_hand():
 def test_the_recipe_compares_lora_with_lora_dropout_with_and_without_the_ensemble(lab_model_dir, tmp_path):
     import json
 
-    from test_recipes import REPO, launch
+    from helpers import REPO, launch
 
     launch("single_process.yaml", REPO / "recipes" / "lora_dropout.py", "--output_dir", str(tmp_path),
            "--num_train_epochs", "2", "--num_eval_samples", "16", "--lora_dropout_eval_samples", "2",

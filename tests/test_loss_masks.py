@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset
+from helpers import FORMATS, format_options, hand_tokenised, in_format
 from loss_audit import Example, check_answer_tokens_carry_the_loss, watched_forwards
 from peft import LoraConfig
 from transformers import AutoTokenizer
@@ -34,38 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 COMMON = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
               max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, seed=0, max_length=256)
-FORMATS = ["conversational", "plain", "messages"]
-
-
-def in_format(dataset: Dataset, data_format: str) -> Dataset:
-    """A lab dataset (chat prompt → chat answer) in ``data_format``."""
-    if data_format == "conversational":
-        return dataset.select_columns(["prompt", "completion"])
-    if data_format == "plain":  # the answer starts with a space after a colon: no token straddles the boundary
-        return dataset.map(lambda row: {"prompt": f"Question: {row['prompt'][-1]['content']}\nAnswer:",
-                                        "completion": " " + row["completion"][0]["content"]},
-                           remove_columns=dataset.column_names)
-    return dataset.map(lambda row: {"messages": row["prompt"] + row["completion"]},
-                       remove_columns=dataset.column_names)
-
-
-def hand_tokenised(tokenizer, dataset: Dataset, data_format: str) -> list[Example]:
-    """Each row's prompt and answer tokenised apart: the answer tokens are what must carry the loss. A chat answer is
-    its content and ChatML's end of turn: with ``assistant_only_loss`` the template's generation markers end it at
-    ``<|im_end|>`` (the newline after it is in the sequence, outside the loss); a completion's mask also takes that
-    newline. A plain answer ends with EOS."""
-    if data_format == "plain":
-        return [Example.plain(tokenizer, row["prompt"], row["completion"]) for row in dataset]
-    if data_format == "messages":
-        return [Example.conversational(tokenizer, row["messages"][:-1], row["messages"][-1]["content"],
-                                       end="<|im_end|>", suffix="\n") for row in dataset]
-    return [Example.conversational(tokenizer, row["prompt"], row["completion"][0]["content"]) for row in dataset]
-
-
-def format_options(data_format: str) -> dict:
-    return {"assistant_only_loss": True} if data_format == "messages" else {}
-
-
 def check(forwards, tokenizer, dataset, data_format, what) -> int:
     return check_answer_tokens_carry_the_loss(forwards, hand_tokenised(tokenizer, dataset, data_format), what)
 

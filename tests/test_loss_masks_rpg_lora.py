@@ -18,9 +18,9 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import format_options, hand_tokenised, in_format
 from loss_audit import Example, check_answer_tokens_carry_the_loss, watched_forwards
 from peft import LoraConfig
-from test_loss_masks import format_options, hand_tokenised, in_format
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 

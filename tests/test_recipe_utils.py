@@ -215,20 +215,22 @@ def test_the_ftaas_recipe_parses_its_grid_and_both_stages(tiny_model_dir):
 
 
 @pytest.mark.parametrize("recipe", [sft, booster, ftaas, lora_dropout, reweight, rpg, rspo, spin, unlearn])
-def test_every_recipe_quantizes_the_base_for_qlora_and_refuses_it_without_lora(recipe):
+def test_every_recipe_quantizes_the_base_for_qlora_and_refuses_it_without_lora(recipe, tiny_model_dir):
     # --load_in_4bit reaches from_pretrained through model_init_kwargs in every recipe (none ignores it); without
     # --use_peft the quantized weights could not train, so it is refused before anything loads.
+    pytest.importorskip("bitsandbytes", reason="the optional bnb extra: pip install 'llmreg[bnb]'")
     from llmreg.recipe_utils import model_init_kwargs
 
-    parsed = parse_recipe_args(recipe.make_parser(), ["--load_in_4bit", "--use_peft"])
+    model = ["--model_name_or_path", tiny_model_dir]
+    parsed = parse_recipe_args(recipe.make_parser(), [*model, "--load_in_4bit", "--use_peft"])
     training_args, model_args = parsed[-2], parsed[-1]
     assert model_init_kwargs(model_args, training_args)["quantization_config"].load_in_4bit
-    parsed = parse_recipe_args(recipe.make_parser(), ["--load_in_4bit", "--use_peft", "false"])
+    parsed = parse_recipe_args(recipe.make_parser(), [*model, "--load_in_4bit", "--use_peft", "false"])
     with pytest.raises(ValueError, match="add --use_peft"):
         model_init_kwargs(parsed[-1], parsed[-2])
 
 
-def test_ctrl_c_and_bad_input_in_a_recipe_end_in_one_line(tmp_path, capsys):
+def test_ctrl_c_and_bad_input_in_a_recipe_end_in_one_line(tmp_path, capsys, tiny_model_dir):
     from llmreg.recipe_utils import run_recipe
 
     def interrupted(*parsed):
@@ -237,13 +239,16 @@ def test_ctrl_c_and_bad_input_in_a_recipe_end_in_one_line(tmp_path, capsys):
     def refused(*parsed):
         raise InputError("the dataset has no 'prompt' column")
 
+    capsys.readouterr()  # what saving the model fixture printed
     with pytest.raises(SystemExit) as exit_info:
-        run_recipe(interrupted, sft.make_parser(), ["--output_dir", str(tmp_path / "run")])
+        run_recipe(interrupted, sft.make_parser(), ["--output_dir", str(tmp_path / "run"), "--model_name_or_path",
+                                                    tiny_model_dir])
     assert exit_info.value.code == 130
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and str(tmp_path / "run") in message and "rerun the same command" in message
     with pytest.raises(SystemExit) as exit_info:
-        run_recipe(refused, sft.make_parser(), ["--output_dir", str(tmp_path / "run")])
+        run_recipe(refused, sft.make_parser(), ["--output_dir", str(tmp_path / "run"), "--model_name_or_path",
+                                                tiny_model_dir])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().endswith("error: the dataset has no 'prompt' column")
 

@@ -1,4 +1,4 @@
-"""``accelerate launch`` for the tests, and recipes/sft.py on two "machines" (the multi-node config on localhost).
+"""recipes/sft.py on two "machines" (the multi-node config on localhost).
 
 Every recipe under every shipped config, and the 2-processes-equal-1-process checks, are the launch matrix in
 tests/distributed/.
@@ -12,26 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from safetensors.torch import load_file
-
-
-REPO = Path(__file__).parents[1]
-
-
-# A rare abort of one CPU rank at interpreter exit, after its work is done and saved: a C++ thread still joinable when
-# the process ends (seen in about 1 of 10 CI runs, under DeepSpeed over gloo; never reproduced in isolation, 6 of 6
-# clean reruns). Making every rank wait before trainer.end() did not cure it. Only that signature is retried, once.
-EXIT_ABORT = "terminate called without an active exception"
-
-
-def launch(accelerate_config: str, script: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "accelerate.commands.launch",
-               "--config_file", str(REPO / "accelerate_configs" / accelerate_config), str(script), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if result.returncode != 0 and EXIT_ABORT in result.stderr:
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
 
 def assert_trained(output_dir: Path, lab_model_dir: Path, world_size: int) -> None:

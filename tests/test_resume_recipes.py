@@ -7,32 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
+from helpers import KILLER, REPO
 from safetensors.torch import load_file
-from test_recipes import REPO
 
-
-# The recipe runs in a child process that SIGKILLs itself right after the Trainer saved checkpoint KILL_AT (a kill
-# between two steps, deterministic; a kill in the middle of a save is tests/test_stages.py's truncated checkpoint).
-KILLER = textwrap.dedent("""
-    import os, runpy, signal, sys
-    from transformers.trainer_callback import CallbackHandler
-
-    kill_at, recipe, *args = sys.argv[1:]
-    saved = CallbackHandler.on_save
-
-    def on_save(self, args_, state, control):
-        control = saved(self, args_, state, control)
-        if state.global_step == int(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return control
-
-    CallbackHandler.on_save = on_save
-    sys.argv = [recipe, *args]
-    runpy.run_path(recipe, run_name="__main__")
-""")
 
 RECIPES = {
     "sft": ["--max_steps", "8", "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",

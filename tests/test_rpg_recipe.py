@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import yaml
+from helpers import REPO
 from safetensors.torch import load_file
-from test_recipes import REPO
 
 
 SMALL = ["--max_steps", "4", "--logging_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",

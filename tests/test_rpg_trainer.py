@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import length_reward
 from trl import GRPOTrainer
 
 from llmreg.lab import arithmetic_dataset, arithmetic_reward
@@ -15,11 +16,6 @@ def rpg_config(tmp_path, **overrides):
         learning_rate=1e-4, logging_steps=1, rpg_beta=0.05, seed=0,
     )
     return RPGConfig(**{**kwargs, **overrides})
-
-
-def length_reward(completions, **kwargs):
-    """A reward that always varies within a group, so every step has a learning signal."""
-    return [len(completion[0]["content"]) / 10 for completion in completions]
 
 
 def make_trainer(lab_model_dir, args, reward_funcs=arithmetic_reward):

@@ -15,10 +15,9 @@ import gc
 
 import pytest
 import torch
-from datasets import Dataset
+from helpers import pairs, rspo_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from llmreg.lab import arithmetic_dataset
 from llmreg.preference_utils import PrecomputedColumnsDPOTrainer
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 
@@ -38,44 +37,6 @@ def base_dir(lab_model_dir, tmp_path_factory):
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(lab_model_dir).save_pretrained(path)
     return str(path)
-
-
-def pairs(n, p_win=None, base_completion=False):
-    """n pairs on distinct arithmetic prompts: chosen = the right answer, rejected = the answer + 1.
-
-    The win probabilities vary per row (SPPO's columns for the soft and single variants), or all equal ``p_win``.
-    With ``base_completion``, a "base model sample" per prompt: the chosen response on even rows, another on odd.
-    """
-    rows = {"prompt": [], "chosen": [], "rejected": [], "chosen_probs_win": [], "chosen_probs_lose": [],
-            "chosen_probs": [], "base_completion": []}
-    for row in arithmetic_dataset(4 * n):
-        if len(rows["prompt"]) == n:
-            break
-        if row["prompt"] in rows["prompt"]:
-            continue
-        i = len(rows["prompt"])
-        text = row["completion"][0]["content"]
-        question = text.rsplit("=", 1)[0]
-        rows["prompt"].append(row["prompt"])
-        rows["chosen"].append(row["completion"])
-        rows["rejected"].append([{"role": "assistant", "content": f"{question}= {int(row['answer']) + 1}"}])
-        rows["chosen_probs_win"].append(0.5 + 0.4 * (i + 1) / n if p_win is None else p_win)
-        rows["chosen_probs_lose"].append(0.5 - 0.35 * (i + 1) / n if p_win is None else p_win)
-        rows["chosen_probs"].append(0.55 + 0.4 * i / n if p_win is None else p_win)
-        sample = row["completion"] if i % 2 == 0 else [{"role": "assistant", "content": f"The answer is {question}"}]
-        rows["base_completion"].append(sample)
-    if not base_completion:
-        del rows["base_completion"]
-    return Dataset.from_dict(rows)
-
-
-def rspo_config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
-        save_strategy="no", max_steps=1, per_device_train_batch_size=4, learning_rate=1e-4, beta=0.1,
-        logging_steps=1, seed=0,
-    )
-    return RSPOConfig(**{**kwargs, **overrides})
 
 
 def first_batch(trainer):

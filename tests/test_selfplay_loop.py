@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from helpers import KILLER, REPO
 from safetensors.torch import load_file
-from test_recipes import REPO
-from test_resume_recipes import KILLER
 
 from llmreg.lab import arithmetic_dataset
 from llmreg.rspo import RSPOConfig

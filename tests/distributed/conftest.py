@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import EXIT_ABORT  # the rare abort at exit under DeepSpeed over gloo: not a failure once all ran
 from jobs import REPO, jobs
-from test_recipes import EXIT_ABORT  # the rare abort at exit under DeepSpeed over gloo: not a failure once all ran
 
 
 class Launch:
