@@ -327,7 +327,7 @@ def make_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_lab_info)
     evaluate = lab_commands.add_parser("eval", help="score any model on the lab tasks (e.g. a recipe's output_dir)")
     evaluate.add_argument("model", help="a model directory, or a lab model id (llmreg/tiny, llmreg/smollm2-135m)")
-    evaluate.add_argument("--num-samples", type=int, default=200, help="held-out prompts per task (default 200)")
+    evaluate.add_argument("--num_samples", type=int, default=200, help="held-out prompts per task (default 200)")
     evaluate.set_defaults(handler=_lab_eval)
     for sub in (build, info):
         sub.add_argument("--seed", type=int, default=0, help="seed of the lab model (default 0)")

@@ -181,7 +181,7 @@ def without_zero3():
             hf_deepspeed.set_hf_deepspeed_config(configuration)
 
 
-def set_dpo_loss_options(config) -> list[str]:
+def changed_dpo_loss_options(config) -> list[str]:
     """The DPO loss options of a ``DPOConfig`` that differ from their defaults.
 
     For trainers that replace the DPO loss (RSPO, SPIN): these options would be ignored, so their configs refuse them.

@@ -158,6 +158,6 @@ def test_cli_lab_eval_reproduces_the_build_time_scores_and_compares_other_models
 
     copy = tmp_path / "my-model"  # any other model directory: scored, with the lab baseline beside it
     shutil.copytree(lab_model_dir, copy, ignore=shutil.ignore_patterns("lab_info.json"))
-    assert main(["lab", "eval", str(copy), "--num-samples", "20"]) == 0
+    assert main(["lab", "eval", str(copy), "--num_samples", "20"]) == 0
     printed = capsys.readouterr().out
     assert f"{copy}: scores" in printed and "the lab model's baseline, for comparison" in printed

@@ -17,7 +17,7 @@ from llmreg.trainer_utils import import_object
 CLASSIFIER_PREFIX = "text_classification:"
 
 
-def prompt_text(prompt) -> str:
+def plain_prompt_text(prompt) -> str:
     """A prompt in either TRL format as plain text (a conversation's messages, one per line)."""
     return prompt if isinstance(prompt, str) else "\n".join(message["content"] for message in prompt)
 
@@ -47,7 +47,7 @@ class TextClassificationJudge:
 
     @torch.no_grad()
     def probabilities(self, prompts: list, completions: list) -> torch.Tensor:
-        firsts, seconds = [prompt_text(p) for p in prompts], [completion_text(c) for c in completions]
+        firsts, seconds = [plain_prompt_text(p) for p in prompts], [completion_text(c) for c in completions]
         chunks = []
         for start in tqdm(range(0, len(firsts), self.batch_size), desc="judging (classifier)"):
             batch = self.tokenizer(firsts[start:start + self.batch_size], seconds[start:start + self.batch_size],

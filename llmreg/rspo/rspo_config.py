@@ -8,7 +8,7 @@ from trl import DPOConfig
 
 from llmreg.losses.options import check_option
 from llmreg.losses.selfplay import REGULARIZERS, SPPO_VARIANTS
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu, set_dpo_loss_options
+from llmreg.trainer_utils import changed_dpo_loss_options, init_deepspeed_distributed_on_cpu
 
 
 def parse_regularizers(value: dict[str, float] | str | None) -> dict[str, float]:
@@ -102,7 +102,7 @@ class RSPOConfig(DPOConfig):
         if self.is_clip <= 0:
             raise ValueError(f"is_clip must be > 0, got {self.is_clip}.")
         super().__post_init__()
-        unused = (["loss_type"] if self.loss_type != ["sigmoid"] else []) + set_dpo_loss_options(self)
+        unused = (["loss_type"] if self.loss_type != ["sigmoid"] else []) + changed_dpo_loss_options(self)
         if unused:
             names = ", ".join(unused)
             raise ValueError(f"RSPOTrainer replaces the DPO loss, so these DPO options would do nothing: {names}. "

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from llmreg.losses.selfplay import sequence_logps
 
 
-def prompt_text(tokenizer, prompt) -> str:
+def templated_prompt(tokenizer, prompt) -> str:
     """The text a model continues: the chat template with the generation prompt, or a plain-text prompt as is."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -39,7 +39,7 @@ def sample_completions(model, tokenizer, prompts: list, *, num_samples: int, max
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress):
             torch.manual_seed(seed * 1_000_003 + start)
-            texts = [prompt_text(tokenizer, p) for p in prompts[start:start + batch_size]]
+            texts = [templated_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             # top_k=0: no top-k cut (transformers' default is 50), so at temperature 1 and top_p 1 the samples come
             # from the policy itself, as the KL estimate and SPPO's win probabilities assume.
@@ -71,7 +71,7 @@ def sample_completions_vllm(model_name_or_path: str, tokenizer, prompts: list, *
                           "generate with transformers.") from error
     llm = LLM(model=model_name_or_path, seed=seed)
     params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-    outputs = llm.generate([prompt_text(tokenizer, p) for p in prompts], params)
+    outputs = llm.generate([templated_prompt(tokenizer, p) for p in prompts], params)
     return [[{"text": o.text, "ids": list(o.token_ids)} for o in output.outputs] for output in outputs]
 
 
@@ -82,7 +82,7 @@ def completion_logps(model, tokenizer, prompts: list, completion_ids: list[list[
     model.eval()
     values = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress):
-        prompt_ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+        prompt_ids = [tokenizer(templated_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
                       for p in prompts[start:start + batch_size]]
         sequences = [p + c for p, c in zip(prompt_ids, completion_ids[start:start + batch_size])]
         length = max(map(len, sequences))

@@ -6,7 +6,7 @@ from trl import DPOConfig
 
 from llmreg.losses.options import check_option
 from llmreg.losses.selfplay import OPPONENT_MIXTURES, SPIN_LOSSES
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu, set_dpo_loss_options
+from llmreg.trainer_utils import changed_dpo_loss_options, init_deepspeed_distributed_on_cpu
 
 
 @dataclass
@@ -77,7 +77,7 @@ class SPINConfig(DPOConfig):
             raise ValueError("history_models are mixed into the opponent by opponent_mixture='arith' or 'geom'. With "
                              "'data', fictitious play happens in the dataset (negatives from the last h generators): "
                              "drop history_models or choose 'arith'/'geom'.")
-        unused = set_dpo_loss_options(self)
+        unused = changed_dpo_loss_options(self)
         if unused:
             names = ", ".join(unused)
             raise ValueError(f"SPINTrainer computes its own loss, so these DPO options would do nothing: {names}. "
