@@ -1,4 +1,4 @@
-"""Booster: the regularizer's math against the closed form of a quadratic (spec §8), and BoosterTrainer's wiring —
+"""Booster: the regularizer's math against the closed form of a quadratic, and BoosterTrainer's wiring —
 the gradient it adds equals λ(∇h(w) − ∇h(w̃)) computed by hand, the parameters come back bit for bit, λ = 0 is
 SFTTrainer, and gradient accumulation does not change the update."""
 

@@ -1,4 +1,4 @@
-"""The ℓ1 penalty (CLEAR §3): the spec's hand value, gradient λ·sign(θ) on the trainable parameters only, λ = 0 is
+"""The ℓ1 penalty (CLEAR §3): a hand value, gradient λ·sign(θ) on the trainable parameters only, λ = 0 is
 the plain trainer, gradient accumulation does not change it, and full fine-tuning penalizes θ − θ₀."""
 
 import pytest

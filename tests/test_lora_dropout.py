@@ -1,4 +1,4 @@
-"""LoRA Dropout's masks on a PEFT LoRA layer, checked against the math of the spec (§5): masked dims get exactly zero
+"""LoRA Dropout's masks on a PEFT LoRA layer, checked against the paper's math: masked dims get exactly zero
 gradient, ΔW is zero with probability 2p − p², p = 0 is plain LoRA, the ensemble mean approaches (1−p)²·BA, merging
 uses that expectation (a plain merge is refused), and the settings round-trip through a saved adapter."""
 

@@ -18,7 +18,7 @@ def softmax_by_hand(scores, r):
 
 
 @pytest.mark.parametrize(("strategy", "r", "expected"), [
-    ("linupper", 1.0, [0.0926, 0.1526, 0.2516, 0.2516, 0.2516]),       # the spec's computed values
+    ("linupper", 1.0, [0.0926, 0.1526, 0.2516, 0.2516, 0.2516]),       # computed by hand
     ("linupper", 0.4, [0.0244, 0.0851, 0.2969, 0.2969, 0.2969]),
     ("quadratic", 1.0, [0.1117, 0.2365, 0.3036, 0.2365, 0.1117]),
     ("extremes", 1.0, [0.2793, 0.1694, 0.1027, 0.1694, 0.2793]),

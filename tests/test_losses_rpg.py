@@ -69,12 +69,12 @@ def test_kl_in_advantage_unclipped_has_the_objective_gradient(divergence, refere
 
 
 @pytest.mark.parametrize(("variant", "reference", "rewards", "expected"), [
-    # Case 1 of the spec: pure KL (R = 0, β = 1).
+    # Hand case 1: pure KL (R = 0, β = 1).
     ("fkl", "old", torch.zeros(4, dtype=DTYPE), [-0.015904, 0.050393, -0.021468, -0.013021]),
     ("rkl", "old", torch.zeros(4, dtype=DTYPE), [-0.014542, 0.046076, -0.019629, -0.011906]),
     ("urkl", "fixed", torch.zeros(4, dtype=DTYPE), [0.024105, -0.001092, -0.105576, 0.082563]),
     ("ufkl", "fixed", torch.zeros(4, dtype=DTYPE), [0.015922, -0.007360, -0.099427, 0.090866]),
-    # Case 2: reward + KL.
+    # Hand case 2: reward + KL.
     ("ufkl", "old", REWARDS, [0.235996, 0.047509, -0.372008, 0.088504]),
     ("urkl", "old", REWARDS, [0.237358, 0.043192, -0.370169, 0.089620]),
     ("rkl", "fixed", REWARDS, [0.276005, -0.003977, -0.456116, 0.184088]),
@@ -131,7 +131,7 @@ def test_clipping_changes_nothing_when_every_ratio_is_in_range(divergence, estim
 
 
 @pytest.mark.parametrize(("divergence", "expected"), [
-    # Case 3 of the spec: token 1 has A < 0 and w = 0.79 < 1 − ε_l, so it is inactive.
+    # Hand case 3: token 1 has A < 0 and w = 0.79 < 1 − ε_l, so it is inactive.
     ("fkl", [0.285240, -0.108526, -0.305536, 0.128822]),
     ("rkl", [0.188198, 0.198959, -0.436528, 0.049371]),
     ("ufkl", [0.236768, 0.045062, -0.370966, 0.089136]),

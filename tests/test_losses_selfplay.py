@@ -4,7 +4,7 @@ A tabular policy is a logit vector θ over N whole responses, ℓ_θ = log_softm
 pair of responses) one row of the batch and weighting the rows by their sampling probabilities turns a per-sample loss
 into its exact population expectation, which is then compared with:
 
-- SPPO: the spec's hand values, and the multiplicative-weights step π_t·exp(η P(y ≻ π_t))/Z that the regression loss
+- SPPO: values computed by hand, and the multiplicative-weights step π_t·exp(η P(y ≻ π_t))/Z that the regression loss
   approximates (its exact minimizer, found by LBFGS);
 - RSPO: the true gradients of KL(π‖μ), KL(μ‖π), χ²(π‖μ), CE(π, μ) and −H(π) at θ = θ_t, with the documented ratios;
 - SPIN / α-SPIN: the logit identity (1−α)·z_SPIN + α·z_DPO, the two-KL opponent's closed form, and the population
@@ -34,7 +34,7 @@ from llmreg.losses.selfplay import (
 
 
 DTYPE = torch.float64
-SCORES = torch.tensor([2.0, 1.0, 0.0, -1.0, -2.0], dtype=DTYPE)  # spec e1: winner first, loser last
+SCORES = torch.tensor([2.0, 1.0, 0.0, -1.0, -2.0], dtype=DTYPE)  # PairRM-style scores: winner first, loser last
 
 
 def randn(*shape, seed):
@@ -73,7 +73,7 @@ def minimize(objective, start):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# win_probabilities (spec e1)
+# win_probabilities (SPPO's PairRM estimate of P(y ≻ y'))
 
 
 def test_win_probabilities_hand_values():
@@ -105,7 +105,7 @@ def test_win_probabilities_are_bradley_terry_wins_against_the_uniform_sampler():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sppo_loss (spec A1, e2)
+# sppo_loss (SPPO's regression loss, Wu et al.)
 
 
 def test_sppo_loss_at_init_hand_values():
@@ -148,7 +148,7 @@ def test_sppo_loss_bad_options():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SPPO's minimizer vs the multiplicative-weights step (spec A1, e3, e4)
+# SPPO's minimizer vs the multiplicative-weights step (Wu et al.: the loss takes log Z ≈ η/2)
 
 N_SPPO = 5
 ITER_LOGPS = (1.5 * randn(N_SPPO, seed=10)).log_softmax(-1)
@@ -189,14 +189,14 @@ def test_sppo_minimizer_is_the_multiplicative_weights_step_for_small_eta(eta, to
 
 
 def test_sppo_minimizer_departs_from_multiplicative_weights_for_large_eta():
-    # TV 0.017 with this draw (0.198 with the spec's): log Z ≈ η/2 no longer holds.
+    # TV 0.017 with this draw (0.198 with another): log Z ≈ η/2 no longer holds.
     wins = antisymmetric_preferences(N_SPPO, seed=11) @ ITER_LOGPS.exp()
     multiplicative_weights = (ITER_LOGPS + 10.0 * wins).softmax(-1)
     assert total_variation(sppo_population_minimizer(10.0, wins), multiplicative_weights) > 5e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# rspo_regularizer: expected gradients at θ = θ_t (spec A2, e5)
+# rspo_regularizer: expected gradients at θ = θ_t (RSPO, Tang et al.: the estimators' expected gradients)
 
 N_RSPO = 6
 THETA_T = randn(N_RSPO, seed=20)
@@ -339,7 +339,7 @@ def test_regularizer_bad_options():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# spin_loss and α-SPIN (spec A3, A4, e6)
+# spin_loss and α-SPIN (SPIN, Chen et al.; α-SPIN, Alami et al.)
 
 BETA, ALPHA = 0.1, 0.3
 
@@ -416,7 +416,7 @@ def test_spin_loss_bad_options():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# α-SPIN's opponent and population optimum on a tabular policy over N = 3 responses (spec A4, e7–e9)
+# α-SPIN's opponent and population optimum on a tabular policy over N = 3 responses (Alami et al.)
 
 P_DATA = torch.tensor([0.5, 0.3, 0.2], dtype=DTYPE)
 PI_T = torch.tensor([0.2, 0.3, 0.5], dtype=DTYPE)
@@ -495,7 +495,7 @@ def test_iterated_alpha_spin_reaches_the_geometric_interpolation_of_data_and_bas
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# opponent_logps (spec A4, fictitious play)
+# opponent_logps (Alami et al.'s fictitious play)
 
 
 def test_opponent_mixtures_by_hand():
@@ -523,7 +523,7 @@ def test_unknown_opponent_mixture():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sequence_logps (spec e10)
+# sequence_logps (a sequence's log-prob is the sum of its completion tokens' log-probs)
 
 
 def test_sequence_logps_sums_completion_tokens_only():

@@ -3,10 +3,10 @@
 - config checks: every refused option names the fix; the three spellings of ``regularizers`` agree;
 - dataset checks: a missing column fails before any model is loaded, naming the column;
 - columns: win probabilities and the precomputed π_t / μ log-probs reach the batch with the dataset's values, and
-  those log-probs equal a manual forward (sum of token log-probs over the completion only, spec e10);
+  those log-probs equal a manual forward (sum of token log-probs over the completion only);
 - the base model μ: live or precomputed give the same loss; precomputed, no frozen model stays alive in training;
   the precompute is cached on disk and not redone;
-- the loss: with μ = π_t, RSPO(reverse KL) is SPPO at step 0 and SPPO is its hand formula (spec e12); one step lowers
+- the loss: with μ = π_t, RSPO(reverse KL) is SPPO at step 0 and SPPO is its hand formula; one step lowers
   the SPPO term; gradient accumulation does not change the update; ``forward_kl_samples`` adds λ·cross-entropy on the
   base model's samples.
 """
@@ -238,7 +238,7 @@ def test_base_log_probs_are_cached_and_not_recomputed(lab_model_dir, base_dir, t
 
 
 def test_with_base_equal_to_the_iterate_rspo_is_sppo_at_step_0(lab_model_dir, tmp_path):
-    # Spec e12: μ = π_t (base_model_name_or_path=None), so the reverse-KL term and its gradient vanish at step 0.
+    # μ = π_t (base_model_name_or_path=None), so the reverse-KL term and its gradient vanish at step 0.
     dataset = pairs(8)
     sppo = RSPOTrainer(str(lab_model_dir), args=rspo_config(tmp_path / "sppo"), train_dataset=dataset)
     rspo = RSPOTrainer(str(lab_model_dir), args=rspo_config(tmp_path / "rspo", regularizers={"reverse_kl": 0.5}),

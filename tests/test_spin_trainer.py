@@ -3,7 +3,7 @@
 - config checks: every refused option names the fix;
 - the loss at init, where the policy is π_t: SPIN is log 2 (hinge: 1); α-SPIN against a different base model μ is
   −log σ(βα[(ℓ_t − ℓ_μ)(real) − (ℓ_t − ℓ_μ)(generated)]) from the precomputed columns, α = 0 never touches μ, and
-  α = 1 is TRL's DPO loss with μ as the reference model (spec A4, e6);
+  α = 1 is TRL's DPO loss with μ as the reference model (Alami et al.);
 - fictitious play: the older iterate's log-probs become columns and the opponent is their arithmetic or geometric
   mixture with π_t;
 - one training step widens the reward margin on its batch, and the SPIN metrics are logged.
