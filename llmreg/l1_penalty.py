@@ -15,6 +15,7 @@ task's; the penalty is logged apart: ``l1/norm`` (Σ|θ| or Σ|θ − θ₀|) an
 import torch
 from peft import PeftModel
 
+from llmreg._compat import log_metric
 from llmreg.losses.unlearning import l1_penalty
 from llmreg.trainer_utils import gathered_parameters, gradients_added_in_backward, is_zero3
 
@@ -50,8 +51,8 @@ class L1PenaltyMixin:
             norm = l1_penalty([flat], 1.0).item()
             extras = [chunk.view_as(t) for chunk, t in zip((self.l1_lambda * flat.sign()).split(
                 [t.numel() for t in tensors]), tensors)]
-        self._metrics["train"]["l1/norm"].append(norm)
-        self._metrics["train"]["l1/penalty"].append(self.l1_lambda * norm)
+        log_metric(self, "train", "l1/norm", norm)
+        log_metric(self, "train", "l1/penalty", self.l1_lambda * norm)
         if self.is_deepspeed_enabled:
             with gradients_added_in_backward(self._l1_params, extras, "The ℓ1 penalty's gradient"):
                 return super().training_step(model, inputs, num_items_in_batch)

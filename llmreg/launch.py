@@ -134,9 +134,9 @@ def parse_recipe_command_line(method: str, argv: list[str]) -> tuple[tuple, dict
 
 def accelerate_default_config() -> Path:
     """Where ``accelerate config`` saves the machine's default launch config."""
-    from accelerate.commands.config.config_args import default_config_file
+    from llmreg._compat import accelerate_default_config_file
 
-    return Path(default_config_file)
+    return Path(accelerate_default_config_file())
 
 
 def launch_command(method: str, launch: dict, argv: list[str]) -> list[str]:

@@ -20,12 +20,22 @@ import pyarrow.compute as pc
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, tqdm
 from datasets import Dataset, concatenate_datasets, load_from_disk
-from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, pad
 
+from llmreg._compat import (
+    Hasher,
+    add_fused_lm_head,
+    add_signature_columns,
+    create_model_from_path,
+    dataset_cache_file_path,
+    dataset_fingerprint,
+    disable_dropout_in_model,
+    has_indices_mapping,
+    log_metric,
+    pad,
+)
 from llmreg.losses.selfplay import sequence_logps
 
 
@@ -73,7 +83,7 @@ def token_fingerprint(dataset: Dataset) -> str:
     """
     digest = hashlib.sha256()
     tokens = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    table = (tokens.flatten_indices() if tokens._indices is not None else tokens).data.table
+    table = (tokens.flatten_indices() if has_indices_mapping(tokens) else tokens).data.table
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         column = table.column(name).combine_chunks()
         # The values and the lengths, as plain numbers: arrow's buffers also depend on offsets and chunking.
@@ -102,9 +112,7 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        missing = [c for c in (*self.extra_columns, "base_prompt_ids", "base_completion_ids")
-                   if c not in self._signature_columns]
-        self._signature_columns = [*self._signature_columns, *missing]
+        add_signature_columns(self, (*self.extra_columns, "base_prompt_ids", "base_completion_ids"))
 
     def wrap_collator(self) -> None:
         """Called at the end of the subclass ``__init__``: from then on batches carry ``extra_columns``."""
@@ -123,10 +131,10 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
         """
         if self.accelerator.num_processes == 1:
             return dataset
-        directories = gather_object([os.path.dirname(dataset._get_cache_file_path("probe"))])
+        directories = gather_object([os.path.dirname(dataset_cache_file_path(dataset, "probe"))])
         if len(set(directories)) == 1:
             return dataset
-        home = [str(Path(self.args.output_dir) / "datasets" / f"{name}-{dataset._fingerprint}")]
+        home = [str(Path(self.args.output_dir) / "datasets" / f"{name}-{dataset_fingerprint(dataset)}")]
         broadcast_object_list(home, from_process=0)
         if self.accelerator.is_main_process and not (Path(home[0]) / "state.json").is_file():
             dataset.save_to_disk(home[0])
@@ -196,7 +204,7 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
         fingerprint = [Hasher.hash((token_fingerprint(dataset), weights_fingerprint(model_name_or_path), prefix,
                                     str(self.model.dtype)))]
         broadcast_object_list(fingerprint, from_process=0)
-        cache_file = dataset._get_cache_file_path(fingerprint[0])
+        cache_file = dataset_cache_file_path(dataset, fingerprint[0])
         if not os.path.exists(cache_file):
             model = self.load_frozen_model(model_name_or_path)
             loader = self.accelerator.prepare(DataLoader(
@@ -271,4 +279,4 @@ class PrecomputedColumnsDPOTrainer(DPOTrainer):
         count = torch.tensor(float(next(iter(values.values())).numel()), device=sums.device)
         totals = self.accelerator.reduce(torch.cat([sums, count[None]]), reduction="sum")
         for index, name in enumerate(values):
-            self._metrics[mode][name].append((totals[index] / totals[-1]).item())
+            log_metric(self, mode, name, (totals[index] / totals[-1]).item())

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.integrations import deepspeed as hf_deepspeed
-from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.chat_template_utils import get_training_chat_template
 
+from llmreg._compat import has_generation_markers, hf_deepspeed_config, prepare_dataset, reset_accelerate_state
 from llmreg.errors import InputError
 
 
@@ -128,8 +129,8 @@ def prepare_side_dataset(trainer, dataset, name: str):
     decided_for_training = trainer.completion_only_loss  # SFTTrainer's decision for train_dataset (TRL >= 1.0)
     trainer.completion_only_loss = completion_only
     try:
-        prepared = trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, packing=False,
-                                            formatting_func=None, dataset_name=name)
+        prepared = prepare_dataset(trainer, dataset, trainer.processing_class, trainer.args, packing=False,
+                                   formatting_func=None, dataset_name=name)
     finally:
         trainer.completion_only_loss = decided_for_training
     prepared = prepared.select_columns([c for c in prepared.column_names if c in SFT_MODEL_COLUMNS])
@@ -171,8 +172,7 @@ def without_zero3():
     that every rank must join. An evaluation copy on the main process must be loaded and run outside that, or it
     hangs. The run's configuration is restored on exit.
     """
-    weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    configuration = weak_ref() if weak_ref is not None else None
+    configuration = hf_deepspeed_config()
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
@@ -316,9 +316,7 @@ def reset_accelerator_state() -> None:
     """Let the next Trainer build its own ``Accelerator``: a script that trains one model after another under DeepSpeed
     (the FTaaS pipeline's stages) otherwise fails, as accelerate refuses a second DeepSpeed plugin. The process group
     stays; transformers resets the same state between its hyperparameter-search trials."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
+    reset_accelerate_state()
 
 
 def save_trained_model(trainer, final: Path) -> None:

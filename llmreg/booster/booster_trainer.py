@@ -29,6 +29,7 @@ import torch
 from peft import PeftModel
 from trl import SFTTrainer
 
+from llmreg._compat import log_metric, prepare_inputs
 from llmreg.booster.booster_config import BoosterConfig
 from llmreg.losses.booster import global_norm, perturbation, regularizer_gradient
 from llmreg.trainer_utils import (
@@ -60,7 +61,7 @@ class BoosterTrainer(SFTTrainer):
 
     def __init__(self, model, args: BoosterConfig | None = None, train_dataset=None, harmful_dataset=None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = BoosterConfig(f"{name.split('/')[-1]}-Booster")
         if not isinstance(args, BoosterConfig):
             raise TypeError(f"BoosterTrainer needs a BoosterConfig, got {type(args).__name__}: booster_lambda, "
@@ -86,7 +87,7 @@ class BoosterTrainer(SFTTrainer):
 
     def _harmful_batch(self, step: int) -> dict:
         rows = self._harmful_rows.select(self._harmful_indices(step))
-        return self._prepare_inputs(self.data_collator(list(rows)))
+        return prepare_inputs(self, self.data_collator(list(rows)))
 
     def _lm_loss(self, model, batch: dict, num_items: torch.Tensor) -> torch.Tensor:
         """This process's share of a token-mean loss: the summed cross-entropy of the batch's answer tokens /
@@ -158,11 +159,10 @@ class BoosterTrainer(SFTTrainer):
 
         values = self.accelerator.reduce(torch.stack([harmful_loss.detach(), perturbed_loss.detach()]).float(),
                                          reduction="sum")
-        metrics = self._metrics["train"]
-        metrics["booster/harmful_loss"].append(values[0].item())
-        metrics["booster/harmful_loss_perturbed"].append(values[1].item())
-        metrics["booster/gap"].append((values[0] - values[1]).item())
-        metrics["booster/harmful_grad_norm"].append(global_norm(grads).item())
+        log_metric(self, "train", "booster/harmful_loss", values[0].item())
+        log_metric(self, "train", "booster/harmful_loss_perturbed", values[1].item())
+        log_metric(self, "train", "booster/gap", (values[0] - values[1]).item())
+        log_metric(self, "train", "booster/harmful_grad_norm", global_norm(grads).item())
         return params, extras
 
     # --- Vaccine -----------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class BoosterTrainer(SFTTrainer):
         try:
             for batch in batch_samples:
                 outputs.clear()
-                loss = self._lm_loss(unwrapped, self._prepare_inputs(batch), num_items)
+                loss = self._lm_loss(unwrapped, prepare_inputs(self, batch), num_items)
                 grads = self._grad(loss, outputs[:len(layers)])
                 squares = squares + sum(g.detach().double().square().sum() for g in grads).cpu()
                 per_batch.append([g.detach() for g in grads])
@@ -198,10 +198,9 @@ class BoosterTrainer(SFTTrainer):
         squares = self.accelerator.reduce(squares.to(self.accelerator.device), reduction="sum")
         norm = squares.sqrt()
         scale = self.args.vaccine_rho / (norm + self.args.booster_epsilon)
-        metrics = self._metrics["train"]
         loss = self.accelerator.reduce(torch.stack(losses).sum(), reduction="sum")
-        metrics["vaccine/loss_unperturbed"].append(loss.item())
-        metrics["vaccine/hidden_grad_norm"].append(norm.item())
+        log_metric(self, "train", "vaccine/loss_unperturbed", loss.item())
+        log_metric(self, "train", "vaccine/hidden_grad_norm", norm.item())
         return [[(scale * g.double()).to(g.dtype) for g in grads] for grads in per_batch]
 
     @contextmanager

@@ -19,6 +19,7 @@ the fraction of the LoRA input and output dims that the loss's masks kept (about
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
+from llmreg._compat import log_metric
 from llmreg.lora_dropout.lora_dropout import LoRADropoutConfig, attach_lora_dropout, ensemble_forward
 from llmreg.trainer_utils import PrefetchedStepMixin
 
@@ -93,7 +94,7 @@ class LoRADropoutMixin:
         kept = torch.cat([mask.reshape(-1) for mask in masks]).float().mean()
         if self.accelerator.num_processes > 1:
             kept = self.accelerator.reduce(kept, reduction="mean")
-        self._metrics["train"]["lora_dropout/kept_fraction"].append(kept.item())
+        log_metric(self, "train", "lora_dropout/kept_fraction", kept.item())
 
 
 def with_lora_dropout(trainer_class: type) -> type:

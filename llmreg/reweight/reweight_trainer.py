@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from trl import SFTTrainer
 
+from llmreg._compat import log_metric, prepare_inputs
 from llmreg.losses.reweighting import per_sample_losses, sample_weights
 from llmreg.reweight.reweight_config import ReweightConfig
 from llmreg.trainer_utils import PrefetchedStepMixin, loss_token_mask
@@ -49,7 +50,7 @@ class ReweightTrainer(PrefetchedStepMixin, SFTTrainer):
 
     def __init__(self, model, args: ReweightConfig | None = None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = ReweightConfig(f"{name.split('/')[-1]}-Reweight")
         if not isinstance(args, ReweightConfig):
             raise TypeError(f"ReweightTrainer needs a ReweightConfig, got {type(args).__name__}: the strategy, r and "
@@ -105,7 +106,7 @@ class ReweightTrainer(PrefetchedStepMixin, SFTTrainer):
         the step's number of weighted samples."""
         pieces = []
         for batch in batches:
-            batch = self._prepare_inputs(batch)
+            batch = prepare_inputs(self, batch)
             with self.compute_loss_context_manager():
                 logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
             losses, counts = per_sample_losses(logits, batch["labels"], batch.get("seq_idx"))
@@ -148,10 +149,9 @@ class ReweightTrainer(PrefetchedStepMixin, SFTTrainer):
         """The weights' summary over the global micro-batch (the same on every process)."""
         if weights.numel() == 0:
             return
-        metrics = self._metrics["train"]
-        metrics["reweight/effective_sample_size"].append(float(1 / weights.square().sum()))
-        metrics["reweight/weight_entropy"].append(float(-(weights * weights.clamp(min=1e-30).log()).sum()))
-        metrics["reweight/weight_min"].append(float(weights.min()))
-        metrics["reweight/weight_max"].append(float(weights.max()))
+        log_metric(self, "train", "reweight/effective_sample_size", float(1 / weights.square().sum()))
+        log_metric(self, "train", "reweight/weight_entropy", float(-(weights * weights.clamp(min=1e-30).log()).sum()))
+        log_metric(self, "train", "reweight/weight_min", float(weights.min()))
+        log_metric(self, "train", "reweight/weight_max", float(weights.max()))
         for q in (0.1, 0.5, 0.9):
-            metrics[f"reweight/loss_q{int(q * 100)}"].append(float(torch.quantile(losses, q)))
+            log_metric(self, "train", f"reweight/loss_q{int(q * 100)}", float(torch.quantile(losses, q)))

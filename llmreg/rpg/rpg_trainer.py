@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 from trl import GRPOTrainer
 
+from llmreg._compat import log_metric, logged_metrics, per_token_logps_and_entropies
 from llmreg.losses.aggregation import aggregate
 from llmreg.losses.rpg import rpg_per_token_loss
 from llmreg.rpg.rpg_config import RPGConfig
@@ -41,7 +42,7 @@ class RPGTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: RPGConfig | None = None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = RPGConfig(f"{name.split('/')[-1]}-RPG")
         if not isinstance(args, RPGConfig):
             raise TypeError(f"RPGTrainer needs an RPGConfig, got {type(args).__name__}: the RPG fields (divergence, "
@@ -64,7 +65,7 @@ class RPGTrainer(GRPOTrainer):
         TRL computes the metrics below from the rewards of the whole generation batch, gathered over all ranks, so
         every rank takes the same decision.
         """
-        metrics = self._metrics["train"]
+        metrics = logged_metrics(self, "train")
         if metrics["frac_reward_zero_std"][-1] < 1.0:
             self._zero_spread_generations = 0
             return
@@ -94,8 +95,8 @@ class RPGTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+        logps, entropies, aux_loss = per_token_logps_and_entropies(
+            self, model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
         )
         # TRL skips the old log-probs when they equal the current ones (one optimizer step per generation).
@@ -132,11 +133,11 @@ class RPGTrainer(GRPOTrainer):
         sums = torch.stack([*((values * mask).sum() for values in means.values()), mask.sum()])
         sums = self.accelerator.reduce(sums, reduction="sum")
         for index, name in enumerate(means):
-            self._metrics[mode][name].append((sums[index] / sums[-1].clamp(min=1.0)).item())
+            log_metric(self, mode, name, (sums[index] / sums[-1].clamp(min=1.0)).item())
         padding = mask == 0
         extremes = torch.stack(
             [ratio.masked_fill(padding, -torch.inf).max(), (-ratio).masked_fill(padding, -torch.inf).max()]
         )
         extremes = self.accelerator.gather(extremes).view(-1, 2).max(dim=0).values
-        self._metrics[mode]["rpg/ratio_max"].append(extremes[0].item())
-        self._metrics[mode]["rpg/ratio_min"].append(-extremes[1].item())
+        log_metric(self, mode, "rpg/ratio_max", extremes[0].item())
+        log_metric(self, mode, "rpg/ratio_min", -extremes[1].item())

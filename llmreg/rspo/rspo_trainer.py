@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 
+from llmreg._compat import prepare_dataset
 from llmreg.losses.selfplay import rspo_regularizer, rspo_regularizer_sum, sppo_loss
 from llmreg.preference_utils import BASE_SAMPLE_PREFIX, PrecomputedColumnsDPOTrainer
 from llmreg.rspo.rspo_config import RSPOConfig
@@ -52,7 +53,7 @@ class RSPOTrainer(PrecomputedColumnsDPOTrainer):
     def __init__(self, model, ref_model=None, args: RSPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = RSPOConfig(f"{name.split('/')[-1]}-RSPO")
         if not isinstance(args, RSPOConfig):
             raise TypeError(f"RSPOTrainer needs an RSPOConfig, got {type(args).__name__}: the SPPO and regularizer "
@@ -98,7 +99,7 @@ class RSPOTrainer(PrecomputedColumnsDPOTrainer):
         dataset = dataset.remove_columns([column for column in columns if column in dataset.column_names])
         pairs = dataset.select_columns(["prompt", "base_completion"]).rename_column("base_completion", "chosen")
         pairs = pairs.add_column("rejected", pairs["chosen"])
-        tokenized = self._prepare_dataset(pairs, self.processing_class, self.args, "base samples")
+        tokenized = prepare_dataset(self, pairs, self.processing_class, self.args, "base samples")
         if len(tokenized) != len(dataset):
             raise ValueError("Some base_completion rows were filtered out by max_length; raise max_length or drop "
                              "those rows so that every pair keeps its base-model sample.")

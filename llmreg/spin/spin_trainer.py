@@ -43,7 +43,7 @@ class SPINTrainer(PrecomputedColumnsDPOTrainer):
     def __init__(self, model, ref_model=None, args: SPINConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = SPINConfig(f"{name.split('/')[-1]}-SPIN")
         if not isinstance(args, SPINConfig):
             raise TypeError(f"SPINTrainer needs a SPINConfig, got {type(args).__name__}: the opponent fields (alpha, "

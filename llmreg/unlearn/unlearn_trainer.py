@@ -20,6 +20,7 @@ import torch
 from peft import PeftModel
 from trl import SFTTrainer
 
+from llmreg._compat import add_signature_columns, log_metric, prepare_inputs
 from llmreg.l1_penalty import L1PenaltyMixin
 from llmreg.losses.selfplay import sequence_logps
 from llmreg.losses.unlearning import (
@@ -109,7 +110,7 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
     def __init__(self, model, args: UnlearnConfig | None = None, forget_dataset=None, retain_dataset=None,
                  **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = UnlearnConfig(f"{name.split('/')[-1]}-Unlearn")
         if not isinstance(args, UnlearnConfig):
             raise TypeError(f"UnlearnTrainer needs an UnlearnConfig, got {type(args).__name__}: the objective and "
@@ -189,13 +190,12 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if ROW not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, ROW]
+        add_signature_columns(self, [ROW])
 
     # --- the step's side batches and counts --------------------------------------------------------------------------
 
     def _side_batch(self, rows, indices: list[int]) -> dict:
-        return self._prepare_inputs(self.data_collator(list(rows.select(indices))))
+        return prepare_inputs(self, self.data_collator(list(rows.select(indices))))
 
     def _plan_step(self, forget_batches: list[dict]) -> list[dict]:
         """The side batches of each micro-batch of the step and the step-wide counts (one reduction)."""
@@ -227,7 +227,7 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
             inputs = {k: v for k, v in inputs.items() if k != ROW}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self._queue:  # the step's first micro-batch
-            self._queue = self._plan_step([self._prepare_inputs(b) for b in self.take_step_batches(inputs)])
+            self._queue = self._plan_step([prepare_inputs(self, b) for b in self.take_step_batches(inputs)])
         plan = self._queue.pop(0)
         loss, metrics = self._objective(model, plan)
         # Each metric is this micro-batch's mean over all processes: the local means weighted by their token (or
@@ -237,7 +237,7 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         for name, (total, weight) in zip(metrics, totals.tolist(), strict=True):
-            self._metrics["train"][f"unlearn/{name}"].append(total / weight if weight else 0.0)
+            log_metric(self, "train", f"unlearn/{name}", total / weight if weight else 0.0)
         # DDP and DeepSpeed average gradients over processes; each process's share is of the global mean.
         loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
