@@ -3,6 +3,7 @@ checks for trainers that replace a TRL loss or need a chat template TRL can mask
 the command line."""
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -196,6 +197,15 @@ def changed_dpo_loss_options(config) -> list[str]:
         "use_liger_kernel": config.use_liger_kernel,
     }
     return [name for name, is_set in used.items() if is_set]
+
+
+def derived_config(config_class, source, **changes):
+    """A ``config_class`` (a ``TrainingArguments`` subclass) for a later stage of a pipeline: every setting of
+    ``source`` that ``config_class`` has (precision, optimizer, clipping, accumulation, ...), then ``changes``. The
+    stage trains as the user asked for the run, except where it says; a field-by-field copy drops what it forgot."""
+    kept = {field.name: getattr(source, field.name) for field in dataclasses.fields(config_class)
+            if field.init and hasattr(source, field.name)}
+    return config_class(**{**kept, **changes})
 
 
 def import_object(path: str):

@@ -41,6 +41,7 @@ from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_i
 from llmreg.stages import RECORD, Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import (
     check_assistant_only_loss,
+    derived_config,
     reset_accelerator_state,
     save_trained_model,
     without_zero3,
@@ -111,14 +112,15 @@ def training_rows(dataset, paraphrases: bool):
 def finetune(directory: Path, model_name_or_path: str, data, script_args, training_args, init_kwargs: dict) -> Path:
     """Fully fine-tune ``model_name_or_path`` on ``data`` into the stage ``directory`` (its model in ``model/``); a
     rerun with the same settings reuses it."""
-    a = training_args
-    args = SFTConfig(output_dir="finetune", num_train_epochs=script_args.finetune_epochs,
-                     learning_rate=script_args.finetune_learning_rate,
-                     per_device_train_batch_size=script_args.finetune_batch_size, max_length=a.max_length,
-                     use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
-                     logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
-                     lr_scheduler_type="constant_with_warmup", warmup_steps=10, disable_tqdm=a.disable_tqdm,
-                     model_init_kwargs=init_kwargs or None)
+    # The run's settings (precision, optimizer, clipping, ...) but the fine-tune's own length, rate and batch; no
+    # evaluation, best-model or hub push of an intermediate stage.
+    args = derived_config(SFTConfig, training_args, output_dir="finetune", max_steps=-1,
+                          num_train_epochs=script_args.finetune_epochs,
+                          learning_rate=script_args.finetune_learning_rate,
+                          per_device_train_batch_size=script_args.finetune_batch_size, save_strategy="no",
+                          eval_strategy="no", load_best_model_at_end=False, push_to_hub=False,
+                          lr_scheduler_type="constant_with_warmup", warmup_steps=10,
+                          model_init_kwargs=init_kwargs or None)
     settings = {"stage": "finetune", "model": model_identity(model_name_or_path), "data": dataset_digest(data),
                 "training": training_settings(args), "num_processes": PartialState().num_processes}
     stage = Stage(directory, settings, overwrite=script_args.overwrite)

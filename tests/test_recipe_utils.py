@@ -266,3 +266,22 @@ def test_ctrl_c_in_llmreg_ends_in_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 130
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and "rerun the same command to continue" in message and "Traceback" not in message
+
+
+def test_a_derived_stage_config_keeps_the_runs_settings_and_takes_its_own(tmp_path):
+    # The unlearning recipe's fact fine-tune (and the FTaaS customer's) is an SFTConfig derived from the run's config:
+    # what the user set for the run (optimizer, clipping, accumulation, weight decay) carries over; the stage's own
+    # options replace theirs; the method's own fields (an UnlearnConfig's objective) have no place in it.
+    from trl import SFTConfig
+
+    from llmreg.trainer_utils import derived_config
+    from llmreg.unlearn import UnlearnConfig
+
+    run = UnlearnConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", objective="npo",
+                        optim="adafactor", max_grad_norm=0.3, gradient_accumulation_steps=4, weight_decay=0.05,
+                        max_steps=7, learning_rate=1e-5)
+    stage = derived_config(SFTConfig, run, output_dir="finetune", max_steps=-1, learning_rate=3e-4)
+    assert type(stage) is SFTConfig and not hasattr(stage, "objective")
+    assert (stage.optim, stage.max_grad_norm, stage.gradient_accumulation_steps, stage.weight_decay) == (
+        run.optim, 0.3, 4, 0.05)
+    assert (stage.output_dir, stage.max_steps, stage.learning_rate) == ("finetune", -1, 3e-4)
