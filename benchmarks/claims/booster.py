@@ -2,15 +2,15 @@
 accuracy, against SFT and Vaccine (Huang et al., ICLR 2025, arXiv 2409.01586: 22.64 % lower on average over p,
 Llama-2-7B with LoRA).
 
-    python benchmarks/claims/booster.py                  # the real lab model, 1 seed (~45 minutes on 2 cores)
-    python benchmarks/claims/booster.py --seeds 0 1      # the standard error over seeds (twice that)
+    python benchmarks/claims/booster.py                  # the real lab model, 1 seed (about 45 minutes on 2 cores)
+    python benchmarks/claims/booster.py --seeds 0 1      # the docs' table: standard errors over seeds (about 90)
     python benchmarks/claims/booster.py --scale paper    # the paper's steps, epochs and rates, 3 seeds (a GPU)
 
 The fine-tuning-as-a-service pipeline (``recipes/ftaas.py``) on ``llmreg/smollm2-135m`` with the paper's adapter
 (LoRA r = 32, lora_alpha = 4 on q/k/v): align with SFT, Vaccine (ρ = 2) and Booster (the paper's λ = 5 at α = 0.1,
-the paper's, and 0.01, the tiny lab's protective α), then let a customer fine-tune on the lab sentiment task with a
-share p ∈ {0, 0.1, 0.2} of harmful samples, and score the harmful share of answers to held-out harmful prompts and
-the task accuracy. Two handlings of the customer's adapter, from the same alignments:
+the paper's, 0.03, and 0.01, the tiny lab's protective α), then let a customer fine-tune on the lab sentiment task
+with a share p ∈ {0, 0.1, 0.2} of harmful samples, and score the harmful share of answers to held-out harmful prompts
+and the task accuracy. Two handlings of the customer's adapter, from the same alignments:
 
 - ``lora`` (the paper's): Booster's customer keeps training the alignment adapter; SFT's and Vaccine's get a fresh
   adapter on the merged aligned model;
@@ -40,7 +40,7 @@ import booster_lab  # benchmarks/booster_lab.py: the runs and their tables
 
 
 SETTINGS = ["lora", "lora-alike"]
-VARIANTS = ["SFT", "Vaccine ρ=2", booster_lab.booster_name(5.0, 0.1), booster_lab.booster_name(5.0, 0.01)]
+VARIANTS = ["SFT", "Vaccine ρ=2", *(booster_lab.booster_name(5.0, alpha) for alpha in (0.1, 0.03, 0.01))]
 SIZES = {
     "cpu": ["--max_steps", "30", "--per_device_train_batch_size", "8", "--harmful_batch_size", "8",
             "--learning_rate", "1e-3", "--num_finetune_samples", "120", "--finetune_epochs", "2",
