@@ -36,6 +36,7 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_config
 
+from llmreg.lab.facts import fact_is_correct
 from llmreg.lab.prompts import prompt_style_of
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.stages import RECORD, Stage, dataset_digest, last_complete_checkpoint, training_settings
@@ -162,7 +163,7 @@ def score(model_path, sets: dict, gold_ratios) -> dict:
             model = AutoModelForCausalLM.from_pretrained(model_path)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return evaluate_unlearning(model.to(PartialState().device), tokenizer, sets["forget"], sets["retain"],
-                                   sets.get("world"), gold_ratios)
+                                   sets.get("world"), gold_ratios, answer_is_correct=fact_is_correct)
 
 
 def results_table(rows: list[dict]) -> str:

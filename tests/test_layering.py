@@ -28,13 +28,40 @@ def test_losses_import_only_torch_the_standard_library_and_each_other(path):
     assert roots <= allowed_roots, f"{path.name} imports {sorted(roots - allowed_roots)}"
 
 
+# Below the lab: scoring and generation with a bare model (pure torch and a forward), which the lab and the methods
+# share.
+SHARED_MODULES = ("llmreg.scoring", "llmreg.generation")
+
+
 @pytest.mark.parametrize("path", sorted((PACKAGE / "lab").rglob("*.py")), ids=str)
 def test_lab_imports_no_trainer_and_nothing_above_it(path):
     modules = imported_modules(path)
     forbidden = {m for m in modules if m.split(".")[0] in {"trl", "accelerate", "deepspeed", "peft"}}
     forbidden |= {m for m in modules if m.endswith(".Trainer") or m.startswith("llmreg.") and
-                  not m.startswith("llmreg.lab")}
+                  not m.startswith(("llmreg.lab", *SHARED_MODULES))}
     assert not forbidden, f"{path.name} imports {sorted(forbidden)}"
+
+
+@pytest.mark.parametrize("module", SHARED_MODULES)
+def test_scoring_and_generation_import_no_trainer_and_nothing_of_the_lab(module):
+    modules = imported_modules(PACKAGE.parent / (module.replace(".", "/") + ".py"))
+    forbidden = {m for m in modules if m.split(".")[0] in {"trl", "accelerate", "deepspeed", "peft", "transformers"}}
+    forbidden |= {m for m in modules if m.startswith("llmreg.") and not m.startswith(("llmreg.losses",
+                                                                                       *SHARED_MODULES))}
+    assert not forbidden, f"{module} imports {sorted(forbidden)}"
+
+
+# Method code: the trainers, their shared helpers and the FTaaS pipeline. The lab's judges and scorers reach it as
+# arguments (the recipes pass them) or as spec strings resolved at run time, never as imports.
+METHOD_CODE = sorted([*(p for folder in ("booster", "reweight", "rpg", "rspo", "spin", "lora_dropout", "unlearn",
+                                         "ftaas") for p in (PACKAGE / folder).rglob("*.py")),
+                      *(PACKAGE / name for name in ("preference_utils.py", "trainer_utils.py", "l1_penalty.py"))])
+
+
+@pytest.mark.parametrize("path", METHOD_CODE, ids=str)
+def test_method_code_imports_nothing_from_the_lab(path):
+    lab = sorted(m for m in imported_modules(path) if m == "llmreg.lab" or m.startswith("llmreg.lab."))
+    assert not lab, f"{path.relative_to(PACKAGE.parent)} imports {lab}"
 
 
 def test_the_layout_exists():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmreg.lab import new_facts_dataset
+from llmreg.lab import fact_is_correct, new_facts_dataset
 from llmreg.unlearn.evaluation import answer_losses, answer_token_logps, evaluate_unlearning, score_question_set
 from llmreg.unlearn.metrics import forget_quality, model_utility
 
@@ -48,7 +48,8 @@ def test_answer_tokens_and_losses_match_one_row_forwards(lab):
 def test_question_set_scores_by_hand(lab):
     model, tokenizer = lab
     data = new_facts_dataset("forget").select(range(4))
-    scores = score_question_set(model, tokenizer, data, forget=True, show_progress=False)
+    scores = score_question_set(model, tokenizer, data, forget=True, show_progress=False,
+                                answer_is_correct=fact_is_correct)
     for i, row in enumerate(data):
         paraphrased = hand_loss(model, tokenizer, row["prompt"], row["paraphrased_answer"])
         perturbed = [hand_loss(model, tokenizer, row["prompt"], a) for a in row["perturbed_answers"]]
@@ -58,6 +59,7 @@ def test_question_set_scores_by_hand(lab):
     expected_probability = sum(math.exp(-hand_loss(model, tokenizer, r["prompt"], r["answer"])) for r in data) / 4
     assert scores["probability"] == pytest.approx(expected_probability, rel=1e-4)
     assert 0 <= scores["rouge"] <= 1 and 0 <= scores["accuracy"] <= 100
+    assert "accuracy" not in score_question_set(model, tokenizer, data, forget=True, show_progress=False)  # no judge
     with pytest.raises(ValueError, match="lacks the columns \\['paraphrased_answer'"):
         score_question_set(model, tokenizer, data.remove_columns("paraphrased_answer"), forget=True)
 

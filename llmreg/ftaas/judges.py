@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from llmreg.lab.arithmetic import completion_text
+from llmreg.generation import completion_text
 from llmreg.trainer_utils import import_object
 
 

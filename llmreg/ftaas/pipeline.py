@@ -42,10 +42,10 @@ from trl import SFTConfig, SFTTrainer
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.errors import InputError
 from llmreg.ftaas.judges import check_harmful_judge, make_harmful_judge
-from llmreg.lab import generate_completions, is_harmful, sentiment_accuracy
-from llmreg.lab.arithmetic import completion_text
+from llmreg.generation import completion_text, generate_completions
 from llmreg.stages import RECORD, Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import (
+    derived_config,
     import_object,
     merge_saved_adapter,
     reset_accelerator_state,
@@ -64,11 +64,16 @@ ADAPTER_CHOICES = ("paper", "fresh", "continue")
 # The paper's code continues the alignment LoRA for Booster (--alternating single_lora) and merges it and attaches a
 # fresh LoRA for SFT, Vaccine and the other baselines.
 CONTINUES_ALIGNMENT_ADAPTER = {"sft": False, "booster": True, "vaccine": False, "booster_vaccine": True}
+# The lab's rules behind the default judge and scorer, named, not imported (the pipeline imports nothing from the lab):
+# resolved when they run. The defaults keep their names, which the evaluation stages record.
+LAB_HARMFUL_RULE = "llmreg.lab.is_harmful"
+LAB_SENTIMENT_ACCURACY = "llmreg.lab.sentiment_accuracy"
 
 
 def lab_task_accuracy(completions, label, **columns) -> float:
-    """The lab's fine-tune accuracy (%): sentiment answers against the ``label`` column."""
-    return sentiment_accuracy(completions, label)
+    """The lab's fine-tune accuracy (%): sentiment answers against the ``label`` column
+    (``llmreg.lab.sentiment_accuracy``)."""
+    return import_object(LAB_SENTIMENT_ACCURACY)(completions, label)
 
 
 def label_accuracy(completions, label, **columns) -> float:
@@ -84,7 +89,8 @@ def label_accuracy(completions, label, **columns) -> float:
 
 
 def lab_harmful_judge(prompts, completions) -> list[bool]:
-    """The lab's rule judge: is each answer harmful?"""
+    """The lab's rule judge (``llmreg.lab.is_harmful``): is each answer harmful?"""
+    is_harmful = import_object(LAB_HARMFUL_RULE)
     return [is_harmful(completion_text(c)) for c in completions]
 
 
@@ -246,28 +252,31 @@ class FTaaSPipeline:
         return self.args.finetune_adapter == "continue"
 
     def customer_data(self, ratio: float) -> Dataset:
-        """n samples: round(p·n) harmful ones (attack rows), the rest from the task; shuffled with the seed."""
-        n = self.args.num_finetune_samples
-        harmful = round(ratio * n)
+        """``num_finetune_samples`` rows, round(p · that) of them harmful (attack rows), the rest from the task;
+        shuffled with the seed."""
+        size = self.args.num_finetune_samples
+        harmful = round(ratio * size)
         columns = ["prompt", "completion"]
-        parts = [self.task_dataset.select(range(n - harmful)).select_columns(columns)]
+        parts = [self.task_dataset.select(range(size - harmful)).select_columns(columns)]
         if harmful:
             parts.append(self.attack_harmful.select(range(harmful)).select_columns(columns))
         return concatenate_datasets(parts).shuffle(seed=self.alignment_args.seed)
 
     def finetune(self, method: str, ratio: float) -> Path:
-        a = self.alignment_args
+        alignment = self.alignment_args
         aligned = self.output_dir / "align" / method
         # The stage-1 model is local: the base's hub revision does not apply to it.
-        init_kwargs = {k: v for k, v in (a.model_init_kwargs or {}).items() if k != "revision"}
+        init_kwargs = {k: v for k, v in (alignment.model_init_kwargs or {}).items() if k != "revision"}
         continues = self.continues_adapter(method)
-        args = SFTConfig(output_dir="finetune", learning_rate=self.args.finetune_learning_rate,
-                         num_train_epochs=self.args.finetune_epochs,
-                         per_device_train_batch_size=self.args.finetune_batch_size, max_length=a.max_length,
-                         use_cpu=a.use_cpu, bf16=a.bf16, seed=a.seed, report_to=a.report_to, save_strategy="no",
-                         logging_steps=a.logging_steps, activation_checkpointing=a.activation_checkpointing,
-                         lr_scheduler_type="constant", weight_decay=a.weight_decay, disable_tqdm=a.disable_tqdm,
-                         model_init_kwargs=None if continues else init_kwargs or None)
+        # The alignment's settings (precision, optimizer, clipping, weight decay, ...) but the customer's own length,
+        # rate and batch at a constant rate; no evaluation, best-model or hub push of an intermediate stage.
+        args = derived_config(SFTConfig, alignment, output_dir="finetune", max_steps=-1,
+                              learning_rate=self.args.finetune_learning_rate,
+                              num_train_epochs=self.args.finetune_epochs,
+                              per_device_train_batch_size=self.args.finetune_batch_size, save_strategy="no",
+                              eval_strategy="no", load_best_model_at_end=False, push_to_hub=False,
+                              lr_scheduler_type="constant", warmup_steps=0,
+                              model_init_kwargs=None if continues else init_kwargs or None)
         data = self.customer_data(ratio)
         settings = {"stage": "finetune", "aligned": self.align_settings(method), "harmful_ratio": ratio,
                     "continues_alignment_adapter": continues, "training": training_settings(args),

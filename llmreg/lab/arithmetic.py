@@ -13,6 +13,7 @@ import re
 
 from datasets import Dataset
 
+from llmreg.generation import completion_text  # re-exported: llmreg.lab.arithmetic.completion_text
 from llmreg.lab.prompts import check_style
 
 
@@ -79,13 +80,6 @@ def arithmetic_dataset(num_samples: int = 2000, seed: int = 0, split: str = "tra
         rows["completion"].append([{"role": "assistant", "content": f"{a} {op} {b} = {result}"}])
         rows["answer"].append(str(result))
     return Dataset.from_dict(rows)
-
-
-def completion_text(completion) -> str:
-    """The text of a completion in either TRL format: a string, or a list of messages."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(message["content"] for message in completion)
 
 
 def extract_answer(text: str) -> int | None:

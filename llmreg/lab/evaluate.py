@@ -3,45 +3,13 @@
 import math
 
 import torch
-from tqdm.auto import tqdm
 
+from llmreg.generation import generate_completions  # re-exported: llmreg.lab.generate_completions
 from llmreg.lab.arithmetic import arithmetic_dataset, is_correct
 from llmreg.lab.corpus import corpus_dataset, heldout_loss
 from llmreg.lab.facts import facts_accuracy, facts_dataset
 from llmreg.lab.prompts import prompt_style
 from llmreg.lab.safety import harmful_score, is_refusal, safety_eval_prompts, sentiment_accuracy, sentiment_dataset
-
-
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list, max_new_tokens: int = 32, batch_size: int = 64,
-                         desc: str = "generating", show_progress: bool = True, temperature: float = 0.0,
-                         seed: int = 0) -> list[str]:
-    """Completions of conversational ``prompts`` (lists of messages), decoded without special tokens: greedy, or
-    sampled at ``temperature`` > 0 (no top-k/top-p truncation; ``seed`` makes the samples repeatable)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature,
-                                                              "top_k": 0, "top_p": 1.0}
-    generator_state = torch.random.get_rng_state()
-    if temperature > 0:
-        torch.manual_seed(seed)
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts are left-padded
-    completions = []
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not show_progress):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[start : start + batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, **sampling,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new_tokens = output[:, batch["input_ids"].shape[1]:]
-            completions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = padding_side
-        torch.random.set_rng_state(generator_state)  # evaluating does not shift the caller's random stream
-    return completions
 
 
 def arithmetic_accuracy(model, tokenizer, num_samples: int = 200, seed: int = 0, show_progress: bool = True,

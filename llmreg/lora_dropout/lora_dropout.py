@@ -20,13 +20,16 @@ both sides are scaled by 1 − p: one deterministic pass of the expected update 
 """
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+
+from llmreg.losses.selfplay import sequence_logps
+from llmreg.scoring import right_pad, span_mask, token_logps
 
 
 CONFIG_NAME = "lora_dropout_config.json"
@@ -223,22 +226,13 @@ def choice_probabilities(model, tokenizer, prompts: list, choices: list[str], dr
     scores = torch.zeros(draws, len(prompts), len(choices), dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(ids) for _, _, ids, _ in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        answer = torch.zeros(len(chunk), width, dtype=torch.bool)
-        for k, (_, _, row_ids, prefix_length) in enumerate(chunk):  # right padding: positions start at 0
-            ids[k, :len(row_ids)] = torch.tensor(row_ids)
-            answer[k, prefix_length:len(row_ids)] = True
-        mask = (torch.arange(width)[None] < torch.tensor([len(r[2]) for r in chunk])[:, None]).long()
+        ids, mask = right_pad([row_ids for _, _, row_ids, _ in chunk], tokenizer.pad_token_id)
+        answer = span_mask([prefix_length for *_, prefix_length in chunk], [len(r[2]) for r in chunk], ids.shape[1])
         ids, answer, mask = ids.to(model.device), answer.to(model.device), mask.to(model.device)
         for draw in range(draws):
-            if num_samples > 0:
-                with dropout.ensemble():
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            else:
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            token_logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            totals = (token_logps * answer[:, 1:]).sum(-1).double().cpu()
+            with dropout.ensemble() if num_samples > 0 else nullcontext():
+                logps = token_logps(model, ids, mask, use_cache=False)
+            totals = sequence_logps(logps, answer).double().cpu()
             for k, (i, j, _, _) in enumerate(chunk):
                 scores[draw, i, j] = totals[k]
     return scores.softmax(-1).mean(0).float()

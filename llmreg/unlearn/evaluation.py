@@ -2,14 +2,16 @@
 
 A question set has the columns of ``llmreg.lab.facts_dataset``: ``prompt`` (a conversation or a string), ``answer``
 (the true answer), ``paraphrased_answer``, ``perturbed_answers`` (a list of wrong answers), and optionally ``value``
-(the fact the greedy answer must state, for accuracy).
+(the fact the greedy answer must state, for accuracy, judged by the caller's ``answer_is_correct(answer, value)``:
+the unlearning recipe passes the lab's ``llmreg.lab.fact_is_correct``).
 """
 
-import torch
-from tqdm.auto import tqdm
+from collections.abc import Callable
 
-from llmreg.lab.evaluate import generate_completions
-from llmreg.lab.facts import fact_is_correct
+import torch
+
+from llmreg.generation import generate_completions
+from llmreg.scoring import span_token_logps
 from llmreg.unlearn.metrics import (
     answer_probability,
     forget_quality,
@@ -37,35 +39,20 @@ def _full_ids(tokenizer, prompt, answer: str) -> list[int]:
     return tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
 
 
-@torch.no_grad()
 def answer_token_logps(model, tokenizer, prompts: list, answers: list[str], batch_size: int = 64,
                        desc: str = "answer likelihoods", show_progress: bool = True):
     """Per-token log-probs of each answer given its prompt, and the answer-token mask: (N, T) each. The answer's
     tokens are those the chat template adds after the generation prompt (its end-of-turn token included)."""
-    model.eval()
-    rows = []
+    sequences, starts = [], []
     for prompt, answer in zip(prompts, answers, strict=True):
         prefix, full = _prompt_ids(tokenizer, prompt), _full_ids(tokenizer, prompt, answer)
         if full[:len(prefix)] != prefix:
             raise ValueError("The chat template does not render the prompt as a prefix of prompt + answer, so the "
                              "answer's tokens cannot be told apart.")
-        rows.append((full, len(prefix)))
-    length = max(len(full) for full, _ in rows)
-    all_logps, all_masks = torch.zeros(len(rows), length - 1), torch.zeros(len(rows), length - 1, dtype=torch.bool)
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not show_progress):
-        chunk = rows[start:start + batch_size]
-        width = max(len(full) for full, _ in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (full, _) in enumerate(chunk):
-            input_ids[i, :len(full)], attention[i, :len(full)] = torch.tensor(full), 1
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
-        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None].to(model.device))[..., 0]
-        for i, (full, prompt_length) in enumerate(chunk):
-            # Position t predicts token t + 1: the answer's tokens are predicted from prompt_length - 1 on.
-            all_logps[start + i, :width - 1] = logps[i].cpu()
-            all_masks[start + i, prompt_length - 1:len(full) - 1] = True
-    return all_logps, all_masks
+        sequences.append(full)
+        starts.append(len(prefix))
+    return span_token_logps(model, sequences, starts, tokenizer.pad_token_id, batch_size=batch_size, desc=desc,
+                            show_progress=show_progress)
 
 
 def answer_losses(model, tokenizer, prompts: list, answers: list[str], **kwargs) -> torch.Tensor:
@@ -73,10 +60,11 @@ def answer_losses(model, tokenizer, prompts: list, answers: list[str], **kwargs)
     return -answer_probability(*answer_token_logps(model, tokenizer, prompts, answers, **kwargs)).log()
 
 
-def score_question_set(model, tokenizer, dataset, forget: bool, name: str = "questions",
-                       show_progress: bool = True) -> dict:
+def score_question_set(model, tokenizer, dataset, forget: bool, name: str = "questions", show_progress: bool = True,
+                       answer_is_correct: Callable[[str, str], bool] | None = None) -> dict:
     """ROUGE-L recall of the greedy answers, answer probability, truth-ratio score (the forget form when
-    ``forget``), accuracy when the set has ``value``, and the raw truth ratios (for forget quality)."""
+    ``forget``), accuracy (%) when the set has ``value`` and ``answer_is_correct(greedy answer, value)`` is given,
+    and the raw truth ratios (for forget quality)."""
     missing = [c for c in QUESTION_SET_COLUMNS if c not in dataset.column_names]
     if missing:
         raise ValueError(f"Question set {name!r} lacks the columns {missing}; it needs {list(QUESTION_SET_COLUMNS)} "
@@ -97,19 +85,22 @@ def score_question_set(model, tokenizer, dataset, forget: bool, name: str = "que
     ratios = truth_ratio(paraphrased, flat.view(len(prompts), width))
     scores = {"rouge": sum(rouge) / len(rouge), "probability": float(probability.mean()),
               "truth_ratio": truth_ratio_score(ratios, forget=forget), "truth_ratios": ratios.tolist()}
-    if "value" in dataset.column_names:
-        scores["accuracy"] = 100.0 * sum(map(fact_is_correct, greedy, dataset["value"])) / len(greedy)
+    if "value" in dataset.column_names and answer_is_correct is not None:
+        scores["accuracy"] = 100.0 * sum(map(answer_is_correct, greedy, dataset["value"])) / len(greedy)
     return scores
 
 
 def evaluate_unlearning(model, tokenizer, forget, retain, world=None, gold_forget_ratios=None,
-                        show_progress: bool = True) -> dict[str, float]:
+                        show_progress: bool = True,
+                        answer_is_correct: Callable[[str, str], bool] | None = None) -> dict[str, float]:
     """The unlearning table's row: forget and retain (and world) scores, model utility (the harmonic mean of
     the retain and world ROUGE, probability and truth-ratio scores), and forget quality (the KS p-value against
-    ``gold_forget_ratios``, the forget-set truth ratios of a model never trained on it) when given."""
+    ``gold_forget_ratios``, the forget-set truth ratios of a model never trained on it) when given. Accuracies with
+    ``answer_is_correct`` (see ``score_question_set``)."""
     sets = {"forget": forget, "retain": retain, **({"world": world} if world is not None else {})}
     scores = {name: score_question_set(model, tokenizer, data, forget=name == "forget", name=name,
-                                       show_progress=show_progress) for name, data in sets.items()}
+                                       show_progress=show_progress, answer_is_correct=answer_is_correct)
+              for name, data in sets.items()}
     row = {f"{name}_{key}": value for name, s in scores.items() for key, value in s.items() if key != "truth_ratios"}
     row["model_utility"] = model_utility([scores[name][key] for name in sets if name != "forget"
                                           for key in ("rouge", "probability", "truth_ratio")])

@@ -35,6 +35,7 @@ from llmreg.losses.unlearning import (
     scrub_loss,
     vocab_kl,
 )
+from llmreg.scoring import selective_log_softmax
 from llmreg.trainer_utils import (
     SFT_FORMATS,
     PrefetchedStepMixin,
@@ -282,8 +283,7 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
             key = (source is logits, name)
             if key not in cache:
                 labels = plan[name]["labels"][:, 1:]
-                logps = source[name][:, :-1].float().log_softmax(-1)
-                cache[key] = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1), labels != -100
+                cache[key] = selective_log_softmax(source[name][:, :-1], labels.clamp(min=0)), labels != -100
             return cache[key]
 
         def local_mean(share, mask, count):
