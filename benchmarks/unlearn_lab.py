@@ -22,7 +22,9 @@ sys.path.insert(0, str(REPO / "recipes"))
 
 import unlearn as recipe  # noqa: E402
 
-from llmreg.recipe_utils import parse_recipe_args  # noqa: E402
+from llmreg.lab.facts import fact_is_correct  # noqa: E402
+from llmreg.recipe_utils import model_init_kwargs, parse_recipe_args  # noqa: E402
+from llmreg.unlearn.protocol import prepare_models, reference_rows, unlearn  # noqa: E402
 
 
 COLUMNS = {"forget_accuracy": "forget acc. (%)", "retain_accuracy": "retain acc. (%)",
@@ -65,11 +67,13 @@ def main(argv: list[str] | None = None) -> str:
     base = args.output_dir / "base"
     script_args, training_args, model_args = parse_recipe_args(recipe.make_parser(),
                                                                ["--output_dir", str(base), *extra])
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)  # as the recipe's main does
     sets = recipe.load_question_sets(script_args, model_args.model_name_or_path)
-    original, gold = recipe.prepare_models(script_args, training_args, model_args, sets)
+    original, gold = prepare_models(script_args, training_args, model_args, sets)
     reference_file = base / "reference_rows.json"
     if not reference_file.is_file():
-        reference_file.write_text(json.dumps(recipe.reference_rows(original, gold, sets, base), indent=1))
+        rows = reference_rows(original, gold, sets, base, answer_is_correct=fact_is_correct)
+        reference_file.write_text(json.dumps(rows, indent=1))
     reference, gold_ratios = json.loads(reference_file.read_text())
     rows = {row["model"]: [row] for row in reference}
     for objective in args.objectives:
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> str:
                     _, training_args, model_args = parse_recipe_args(recipe.make_parser(), [
                         "--output_dir", str(run_dir), "--objective", objective, "--l1_lambda", str(lam),
                         "--seed", str(seed), *extra])
-                    row = recipe.unlearn(original, sets, training_args, model_args, gold_ratios, sets, gold)
+                    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+                    row = unlearn(original, sets, training_args, model_args, gold_ratios, sets, gold,
+                                  answer_is_correct=fact_is_correct)
                     row_file.write_text(json.dumps(row, indent=1))
                 row = json.loads(row_file.read_text())
                 row["b_near_zero"] = b_near_zero(run_dir / "unlearned" / "adapter_model.safetensors")

@@ -13,6 +13,7 @@ import unlearn as recipe
 
 from llmreg.recipe_utils import parse_recipe_args
 from llmreg.stages import RECORD, StageSettingsError
+from llmreg.unlearn import protocol
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,9 +40,9 @@ def test_a_rerun_reuses_every_stage_and_other_settings_are_refused(lab_model_dir
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(recipe, "SFTTrainer", refuse)
-    monkeypatch.setattr(recipe, "UnlearnTrainer", refuse)
-    monkeypatch.setattr(recipe, "score", refuse)
+    monkeypatch.setattr(protocol, "SFTTrainer", refuse)  # the stages live in llmreg.unlearn.protocol
+    monkeypatch.setattr(protocol, "UnlearnTrainer", refuse)
+    monkeypatch.setattr(protocol, "score", refuse)
     assert run(tmp_path) == rows and stamps(tmp_path) == finished
 
     with pytest.raises(StageSettingsError, match=r"training.learning_rate: 0.001 recorded, 0.002 now"):
@@ -52,7 +53,7 @@ def test_a_rerun_reuses_every_stage_and_other_settings_are_refused(lab_model_dir
 
     # --overwrite: only the unlearning and its evaluation are redone.
     monkeypatch.undo()
-    monkeypatch.setattr(recipe, "SFTTrainer", refuse)
+    monkeypatch.setattr(protocol, "SFTTrainer", refuse)
     rows = run(tmp_path, "--objective", "ga", "--overwrite", "true")
     now = stamps(tmp_path)
     assert {name for name in finished if now[name] != finished[name]} == {"unlearned", "unlearned/eval"}
