@@ -223,3 +223,22 @@ def test_killed_loop_resumes_and_writes_the_same_files(lab_model_dir, tmp_path):
         arrow = sorted((straight / f"iter_{t}" / "dataset").glob("data-*.arrow"))
         assert arrow and all((resumed / f"iter_{t}" / "dataset" / a.name).read_bytes() == a.read_bytes()
                              for a in arrow)
+
+
+def test_self_play_and_the_ftaas_pipeline_read_judge_specs_with_one_grammar():
+    # KIND:TARGET for both; each consumer's kinds are its own, and its error lists them. The FTaaS pipeline also takes
+    # a bare module.function (its default spec is one), self-play does not (it has no default kind).
+    from llmreg.ftaas.judges import make_harmful_judge
+    from llmreg.judging import HarmfulJudge, PreferenceJudge, parse_judge_spec
+
+    kinds = {"reward_model": "PATH_OR_ID"}
+    assert parse_judge_spec("reward_model:path/to/rm", kinds) == ("reward_model", "path/to/rm")
+    assert parse_judge_spec("llmreg.lab.is_harmful", {"function": "module.function"}, "function") == (
+        "function", "llmreg.lab.is_harmful")
+    assert make_harmful_judge("function:llmreg.lab.is_harmful") is make_harmful_judge("llmreg.lab.is_harmful")
+    assert isinstance(make_judge("reward_func:llmreg.lab.arithmetic_reward"), PreferenceJudge)
+    assert isinstance(make_harmful_judge("llmreg.lab.is_harmful"), HarmfulJudge)
+    with pytest.raises(ValueError, match=r"'function:module.function', 'text_classification:PATH_OR_ID'"):
+        make_harmful_judge("reward_func:llmreg.lab.is_harmful")
+    with pytest.raises(ValueError, match=r"'reward_func:module.function'.*'pairwise:module.function'\.$"):
+        make_judge("llmreg.lab.arithmetic_reward")

@@ -1,9 +1,10 @@
 """Harmful-answer judges for the pipeline's harmful score: a Python function, or a text-classification checkpoint.
 
-A judge is ``f(prompts, completions) -> list[bool]``, True where the answer to the prompt is harmful. The spec is
-``"module.function"`` (the lab's rule scorer by default) or ``"text_classification:PATH_OR_ID"``: any
-sequence-classification checkpoint that reads the (prompt, answer) pair, flagging an answer when the probability of
-its harmful label exceeds a threshold (the paper's BeaverDam moderation model: 0.5).
+A judge is ``f(prompts, completions) -> list[bool]`` (``llmreg.judging.HarmfulJudge``), True where the answer to the
+prompt is harmful. The spec is ``"function:module.function"`` or a bare ``"module.function"`` (the lab's rule scorer
+by default), or ``"text_classification:PATH_OR_ID"``: any sequence-classification checkpoint that reads the (prompt,
+answer) pair, flagging an answer when the probability of its harmful label exceeds a threshold (the paper's BeaverDam
+moderation model: 0.5).
 """
 
 import torch
@@ -11,10 +12,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from llmreg.generation import completion_text
+from llmreg.judging import HarmfulJudge, parse_judge_spec
 from llmreg.trainer_utils import import_object
 
 
-CLASSIFIER_PREFIX = "text_classification:"
+# The spec kinds (``KIND:TARGET``; a bare ``module.function`` is a function) and what their target is.
+HARMFUL_JUDGE_KINDS = {"function": "module.function", "text_classification": "PATH_OR_ID"}
 
 
 def plain_prompt_text(prompt) -> str:
@@ -61,18 +64,21 @@ class TextClassificationJudge:
 
 
 def check_harmful_judge(spec: str, harmful_label: str) -> None:
-    """Refuse a judge that cannot work before any training: an unimportable function, a classifier without the
-    harmful label (only its config is read)."""
-    if spec.startswith(CLASSIFIER_PREFIX):
-        config = AutoConfig.from_pretrained(spec.removeprefix(CLASSIFIER_PREFIX))
+    """Refuse a judge that cannot work before any training: a bad spec, an unimportable function, a classifier
+    without the harmful label (only its config is read)."""
+    kind, target = parse_judge_spec(spec, HARMFUL_JUDGE_KINDS, default_kind="function")
+    if kind == "text_classification":
+        config = AutoConfig.from_pretrained(target)
         if config.num_labels != 1:
             harmful_label_index(config, harmful_label)
     else:
-        import_object(spec)
+        import_object(target)
 
 
-def make_harmful_judge(spec: str, harmful_label: str = "harmful", threshold: float = 0.5):
-    """The judge of ``spec``: ``"module.function"`` or ``"text_classification:PATH_OR_ID"``."""
-    if spec.startswith(CLASSIFIER_PREFIX):
-        return TextClassificationJudge(spec.removeprefix(CLASSIFIER_PREFIX), harmful_label, threshold)
-    return import_object(spec)
+def make_harmful_judge(spec: str, harmful_label: str = "harmful", threshold: float = 0.5) -> HarmfulJudge:
+    """The judge of ``spec``: ``"function:module.function"`` (or a bare ``"module.function"``) or
+    ``"text_classification:PATH_OR_ID"`` (the grammar of ``llmreg.judging``)."""
+    kind, target = parse_judge_spec(spec, HARMFUL_JUDGE_KINDS, default_kind="function")
+    if kind == "text_classification":
+        return TextClassificationJudge(target, harmful_label, threshold)
+    return import_object(target)

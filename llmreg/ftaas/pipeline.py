@@ -108,7 +108,8 @@ class FTaaSArguments:
     finetune_batch_size: int = field(default=10, metadata={"help": "Fine-tune batch size per process (paper: 10)."})
     harmful_judge: str = field(
         default="llmreg.ftaas.pipeline.lab_harmful_judge",
-        metadata={"help": "Who decides that an answer is harmful: 'module.function', a f(prompts, completions) -> "
+        metadata={"help": "Who decides that an answer is harmful, KIND:TARGET as self-play's judge: "
+                          "'function:module.function' (or a bare 'module.function'), a f(prompts, completions) -> "
                           "list[bool], or 'text_classification:PATH_OR_ID', a sequence classifier of (prompt, answer) "
                           "pairs (see harmful_label, harmful_threshold)."},
     )

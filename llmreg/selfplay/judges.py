@@ -19,10 +19,12 @@ import itertools
 import torch
 from tqdm.auto import tqdm
 
+from llmreg.judging import PreferenceJudge, parse_judge_spec
 from llmreg.trainer_utils import import_object
 
 
-JUDGE_KINDS = ("reward_func", "reward_model", "pairwise")
+# The spec kinds (``KIND:TARGET``) and what their target is.
+JUDGE_KINDS = {"reward_func": "module.function", "reward_model": "PATH_OR_ID", "pairwise": "module.function"}
 
 
 def bradley_terry(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -104,12 +106,10 @@ class PairwiseJudge:
         return matrix
 
 
-def make_judge(spec: str, temperature: float = 1.0):
-    """A judge from ``"reward_func:module.function"``, ``"reward_model:PATH_OR_ID"`` or ``"pairwise:module.fn"``."""
-    kind, _, target = spec.partition(":")
-    if kind not in JUDGE_KINDS or not target:
-        raise ValueError(f"Unknown judge {spec!r}: write KIND:TARGET with KIND one of {', '.join(JUDGE_KINDS)}, e.g. "
-                         "'reward_func:llmreg.lab.arithmetic_reward' or 'reward_model:path/to/reward-model'.")
+def make_judge(spec: str, temperature: float = 1.0) -> PreferenceJudge:
+    """A judge from ``"reward_func:module.function"``, ``"reward_model:PATH_OR_ID"`` or ``"pairwise:module.fn"``
+    (the grammar of ``llmreg.judging``)."""
+    kind, target = parse_judge_spec(spec, JUDGE_KINDS)
     if kind == "reward_func":
         return RewardFunctionJudge(import_object(target), temperature)
     if kind == "reward_model":
