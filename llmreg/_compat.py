@@ -195,9 +195,9 @@ CHECKED = [
             "forwards merge_and_unload/merge_adapter to the tuner: an instance attribute of the name shadows them",
             PEFT),
     # --- huggingface_hub ---------------------------------------------------------------------------------------------
-    # Patched at import, in llmreg/recipe_utils.py (_recipe_environment), where it stays.
+    # Set when a recipe builds its parser (llmreg/recipe_utils.py, recipe_environment), not at import.
     Checked("huggingface_hub.constants", "HF_HUB_OFFLINE", None,
-            "llmreg.recipe_utils sets it at import (no variable set); the hub must read it at call time", HUB),
+            "recipe_environment sets it (no variable set) after the hub's import: read at call time", HUB),
 ]
 
 

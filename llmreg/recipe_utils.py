@@ -39,8 +39,10 @@ from llmreg.lab.prompts import prompt_style_of
 from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
 
-def _recipe_environment() -> None:
-    """Offline unless the user set ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``); quiet tokenizers and DeepSpeed."""
+def recipe_environment() -> None:
+    """A recipe's process environment, set when it builds its parser (before any model or dataset loads), not when
+    this module is imported: offline unless the user set ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``); quiet
+    tokenizers and DeepSpeed."""
     if "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ:
         os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts
         # huggingface_hub read the variable when a recipe imported TRL, before llmreg: set what it read, too.
@@ -48,9 +50,6 @@ def _recipe_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not torch.accelerator.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator-detection warning
-
-
-_recipe_environment()
 
 
 # Set by `llmreg run` (and `llmreg ablate`) in the environment of the processes it launches.
@@ -186,6 +185,7 @@ def make_recipe_parser(dataclass_types, *, dataset_name: str, output_dir: str, *
     ``dataset_name`` is the recipe's default dataset (a lab dataset name), ``output_dir`` its default output
     directory; ``defaults`` sets any other field's default for this recipe.
     """
+    recipe_environment()
     parser = RecipeParser((LaunchArguments, *dataclass_types))
     recipe_defaults = {"model_name_or_path": LAB_MODEL_ID, "dataset_name": dataset_name, "output_dir": output_dir}
     if not torch.accelerator.is_available():

@@ -186,13 +186,18 @@ def test_no_arguments_run_what_the_shipped_lab_config_spells_out(recipe, config)
 
 @pytest.mark.parametrize(("environment", "offline"), [({}, True), ({"HF_HUB_OFFLINE": "0"}, False)])
 def test_recipes_are_offline_unless_the_user_says_otherwise(environment, offline):
-    # A recipe imports TRL, and so huggingface_hub, before llmreg: offline mode must hold all the same.
-    code = ("import trl, huggingface_hub, llmreg.recipe_utils, os; "
+    # A recipe imports TRL, and so huggingface_hub, before llmreg: offline mode must hold all the same once the recipe
+    # builds its parser. Importing llmreg changes nothing in another library (a library user's script stays online).
+    code = ("import trl, huggingface_hub, llmreg.recipe_utils, os, sys; "
+            "print(huggingface_hub.constants.is_offline_mode(), os.environ.get('HF_HUB_OFFLINE')); "
+            "sys.path.insert(0, 'recipes'); import sft; sft.make_parser(); "
             "print(huggingface_hub.constants.is_offline_mode(), os.environ['HF_HUB_OFFLINE'])")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     result = subprocess.run([sys.executable, "-c", code], env={**env, **environment}, capture_output=True, text=True,
-                            check=True)
-    assert result.stdout.split()[0] == str(offline)
+                            check=True, cwd=Path(__file__).parents[1])
+    imported, parser_built = (line.split() for line in result.stdout.splitlines()[-2:])
+    assert imported == ["False", "None"] if not environment else imported[0] == str(offline)
+    assert parser_built[0] == str(offline)
 
 
 @pytest.mark.parametrize(("recipe", "config"), [
