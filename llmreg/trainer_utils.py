@@ -152,8 +152,9 @@ def init_deepspeed_distributed_on_cpu() -> None:
     accelerate initializes ``torch.distributed`` directly when ``use_cpu=True`` and skips ``deepspeed.comm``. Any
     model then built under ``deepspeed.zero.Init`` (the reference model TRL loads for DPO, or GRPO with beta > 0)
     reads world size 1 from ``deepspeed.comm`` and fails ZeRO-3's batch-size check. Initializing ``deepspeed.comm``
-    first fixes that. It must run before the first TRL config is created; llmreg's recipe parser calls it. On
-    machines with GPUs accelerate does this itself, and this function does nothing.
+    first fixes that. It must run before the first TRL config is created: llmreg's recipe parser calls it, and a
+    script that builds its configs without the parser calls it first (the configs do not, so that creating a config
+    starts no process group). On machines with GPUs accelerate does this itself, and this function does nothing.
     """
     launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not launched_with_deepspeed or int(os.environ.get("WORLD_SIZE", "1")) < 2 or torch.accelerator.is_available():

@@ -5,8 +5,6 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
-
 
 @dataclass
 class BoosterConfig(SFTConfig):
@@ -50,8 +48,6 @@ class BoosterConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
-        init_deepspeed_distributed_on_cpu()
         super().__post_init__()
         if self.booster_lambda < 0 or self.booster_alpha < 0 or self.vaccine_rho < 0:
             raise ValueError(f"booster_lambda, booster_alpha and vaccine_rho must be >= 0, got {self.booster_lambda}, "

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from llmreg.losses.reweighting import STRATEGIES
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
 
 SCOPES = ("micro_batch", "step")
@@ -58,8 +57,6 @@ class ReweightConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
-        init_deepspeed_distributed_on_cpu()
         super().__post_init__()
         if self.reweight_strategy not in STRATEGIES:
             raise ValueError(f"Unknown reweight_strategy {self.reweight_strategy!r}; valid strategies: "

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from llmreg.losses.rpg import CLIPS, DIVERGENCES, ESTIMATORS, check_option, check_rpg_options
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
 
 
 REFERENCES = ("old", "fixed")
@@ -78,8 +77,6 @@ class RPGConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
-        init_deepspeed_distributed_on_cpu()
         check_option("reference", self.reference, REFERENCES)
         if self.rpg_beta < 0:
             raise ValueError(f"rpg_beta must be >= 0, got {self.rpg_beta}.")

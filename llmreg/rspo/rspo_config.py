@@ -8,7 +8,7 @@ from trl import DPOConfig
 
 from llmreg.losses.options import check_option
 from llmreg.losses.selfplay import REGULARIZERS, SPPO_VARIANTS
-from llmreg.trainer_utils import changed_dpo_loss_options, init_deepspeed_distributed_on_cpu
+from llmreg.trainer_utils import changed_dpo_loss_options
 
 
 def parse_regularizers(value: dict[str, float] | str | None) -> dict[str, float]:
@@ -93,8 +93,6 @@ class RSPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
-        init_deepspeed_distributed_on_cpu()
         check_option("sppo_variant", self.sppo_variant, SPPO_VARIANTS)
         self.regularizers = parse_regularizers(self.regularizers)
         if self.beta <= 0:

@@ -6,7 +6,7 @@ from trl import DPOConfig
 
 from llmreg.losses.options import check_option
 from llmreg.losses.selfplay import OPPONENT_MIXTURES, SPIN_LOSSES
-from llmreg.trainer_utils import changed_dpo_loss_options, init_deepspeed_distributed_on_cpu
+from llmreg.trainer_utils import changed_dpo_loss_options
 
 
 @dataclass
@@ -63,8 +63,6 @@ class SPINConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
-        init_deepspeed_distributed_on_cpu()
         super().__post_init__()
         if len(self.loss_type) != 1:
             raise ValueError(f"SPIN uses one loss, 'sigmoid' or 'hinge'; got loss_type={self.loss_type}.")

@@ -4,8 +4,6 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from llmreg.trainer_utils import init_deepspeed_distributed_on_cpu
-
 
 OBJECTIVES = ("ga", "gd", "kl", "idk", "npo", "dpo", "scrub", "rmu")
 # Which objectives read the retain batch, the "I don't know" answers, and the teacher (the model without the adapter).
@@ -88,8 +86,6 @@ class UnlearnConfig(SFTConfig):
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW's weight decay (CLEAR: 0.01)."})
 
     def __post_init__(self):
-        # Under DeepSpeed on CPUs, deepspeed.comm must be up before TRL builds any model under zero.Init.
-        init_deepspeed_distributed_on_cpu()
         super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"Unknown unlearning objective {self.objective!r}; valid objectives: "
