@@ -24,6 +24,15 @@ def test_rouge_l_recall_by_hand():
         rouge_l_recall("x", "...")
 
 
+def test_rouge_l_recall_stems_and_splits_as_tofu():
+    # Porter stems: authors → author, novels → novel, so both reference words are matched (unstemmed: none).
+    assert rouge_l_recall("The authors wrote novels", "author novel") == 1.0
+    # "won't" splits at the apostrophe into won, t; "1984-born" into 1984, born: 3 of the reference's 4 words in order.
+    assert rouge_l_recall("she won't say; 1984-born", "won t 1984 died") == pytest.approx(3 / 4)
+    # Letters outside [a-z0-9] separate words, as in rouge-score: "São" is "s o".
+    assert rouge_l_recall("Sao Paulo", "São Paulo") == pytest.approx(1 / 3)
+
+
 def test_answer_probability_is_the_length_normalized_likelihood():
     logps = torch.tensor([[-1.0, -3.0, -50.0], [-0.5, -50.0, -50.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

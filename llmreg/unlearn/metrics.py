@@ -1,7 +1,7 @@
 """TOFU-style unlearning metrics (Maini et al. 2024, as CLEAR computes them: arXiv 2410.18057 §5 and its code).
 
-- ROUGE-L recall of a greedy answer against the true one: the longest common subsequence of words / the true
-  answer's length.
+- ROUGE-L recall of a greedy answer against the true one, as TOFU computes it (``rouge-score``'s ``rougeL`` with the
+  Porter stemmer): the longest common subsequence of stemmed words / the true answer's length in words.
 - Answer probability: exp(−mean token NLL) of the true answer (a length-normalized likelihood).
 - Truth ratio TR = exp(mean loss of the perturbed (wrong) answers − loss of the paraphrased (right) answer), with
   length-normalized losses: above 1 when the model prefers the right answer. Reported on the forget set as
@@ -11,27 +11,32 @@
 - Model utility: the harmonic mean of the retain-side scores (ROUGE, probability, truth ratio on each set).
 """
 
+import functools
 import math
 import re
 
 import torch
 
 
-_WORD = re.compile(r"\w+")
+# What the evaluation stages record of the ROUGE they computed: a row scored another way is not reused.
+ROUGE_L = "rouge-score rougeL recall, Porter stemmer"
+# rouge-score's tokenizer lowercases and keeps the runs of [a-z0-9]; everything else separates words.
+_ROUGE_WORD = re.compile(r"[a-z0-9]")
+
+
+@functools.cache
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l_recall(prediction: str, reference: str) -> float:
-    """LCS(prediction words, reference words) / number of reference words (case-insensitive)."""
-    predicted, expected = _WORD.findall(prediction.lower()), _WORD.findall(reference.lower())
-    if not expected:
-        raise ValueError("rouge_l_recall needs a reference with at least one word.")
-    previous = [0] * (len(predicted) + 1)
-    for word in expected:
-        current = [0]
-        for j, other in enumerate(predicted):
-            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1] / len(expected)
+    """TOFU's ROUGE-L recall: LCS(prediction words, reference words) / number of reference words, words lowercased,
+    split on anything but [a-z0-9] and Porter-stemmed (words of more than 3 letters), by ``rouge-score``."""
+    if not _ROUGE_WORD.search(reference.lower()):
+        raise ValueError(f"rouge_l_recall needs a reference with at least one word of [a-z0-9]; got {reference!r}.")
+    return _rouge_l_scorer().score(reference, prediction)["rougeL"].recall
 
 
 def answer_probability(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from llmreg.trainer_utils import (
     write_atomically,
 )
 from llmreg.unlearn.evaluation import evaluate_unlearning
-from llmreg.unlearn.metrics import forget_quality
+from llmreg.unlearn.metrics import ROUGE_L, forget_quality
 from llmreg.unlearn.unlearn_config import RETAIN_OBJECTIVES, UnlearnConfig
 from llmreg.unlearn.unlearn_trainer import UnlearnTrainer
 
@@ -188,8 +188,8 @@ def prepare_models(script_args, training_args, model_args, sets: dict) -> tuple[
 
 
 def evaluation_settings(sets: dict) -> dict:
-    """What an evaluation stage records besides its model: the question sets scored."""
-    return {"questions": {name: dataset_digest(rows) for name, rows in sets.items()}}
+    """What an evaluation stage records besides its model: the question sets scored and how ROUGE was computed."""
+    return {"questions": {name: dataset_digest(rows) for name, rows in sets.items()}, "rouge": ROUGE_L}
 
 
 def reference_rows(original: str, gold: str | None, sets: dict, output_dir: Path, overwrite: bool = False,
