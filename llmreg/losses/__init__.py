@@ -3,7 +3,9 @@
 - ``aggregation``: masked aggregation of per-token losses (token-mean with a global normalizer, sequence means);
 - ``kl``: the KL estimator vocabulary (k1, k2, k3);
 - ``rpg``: RPG's KL-regularized policy-gradient surrogates (forward/reverse, normalized/unnormalized KL; full and
-  REINFORCE estimators; old-policy or fixed reference).
+  REINFORCE estimators; old-policy or fixed reference);
+- ``perturbation``: the weight-perturbation update rules (SAM, ASAM, finite-difference gradient-norm regularization,
+  AWP; Booster's step in ``booster``).
 """
 
 from llmreg.losses.aggregation import aggregate

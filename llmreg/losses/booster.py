@@ -7,20 +7,20 @@ u = ∇h(w)/‖∇h(w)‖ is a constant, so the regularizer's gradient is λ·(�
 global L2 norm over all trainable parameters together (every LoRA A and B, or every weight), plus ε.
 
 These functions work on lists of per-parameter tensors (gradients, parameters); the trainer computes the gradients.
+Booster is one of the weight-perturbation rules of ``llmreg.losses.perturbation`` (SAM's step, taken downhill on h).
 """
 
 import torch
 
+from llmreg.losses.perturbation import global_norm, normalized_step
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, …, t_n)‖₂ over all entries of all tensors, in float32 or wider."""
-    return torch.sqrt(sum((t.detach().double().square().sum() for t in tensors), torch.zeros((), dtype=torch.float64)))
+
+__all__ = ["global_norm", "perturbation", "regularizer_gradient"]
 
 
 def perturbation(harmful_grads: list[torch.Tensor], alpha: float, eps: float = 1e-7) -> list[torch.Tensor]:
     """The step w̃ − w = −α·∇h/(‖∇h‖ + ε), per parameter (ε = 1e-7 as the official code)."""
-    scale = alpha / (global_norm(harmful_grads) + eps)
-    return [(-scale * g.double()).to(g.dtype) for g in harmful_grads]
+    return normalized_step(harmful_grads, -alpha, eps)
 
 
 def regularizer_gradient(harmful_grads: list[torch.Tensor], perturbed_harmful_grads: list[torch.Tensor],
