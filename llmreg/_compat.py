@@ -17,6 +17,7 @@ drop it, and llmreg would then fail deep inside training, or worse, train on qui
 Upgrading a library: run ``pytest tests/test_compat.py``, read the failing notes, fix their users, update the entries.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from datasets.fingerprint import Hasher
@@ -41,11 +42,13 @@ __all__ = [
     "hf_deepspeed_config",
     "log_metric",
     "logged_metrics",
+    "metrics_discarded",
     "pad",
     "per_token_logps_and_entropies",
     "prepare_dataset",
     "prepare_inputs",
     "reset_accelerate_state",
+    "training_loss",
 ]
 
 
@@ -156,6 +159,11 @@ CHECKED = [
             "tuple[list, torch.Tensor | int | None]",
             "PrefetchedStepMixin and BoosterTrainer override it (super()) to see all the step's micro-batches first",
             TRANSFORMERS),
+    Checked("transformers.Trainer", "training_step",
+            "(self, model: torch.nn.modules.module.Module, inputs: dict[str, torch.Tensor | typing.Any], "
+            "num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor",
+            "training_loss mirrors how it scales compute_loss's loss (n_gpu mean, ÷ accumulation unless "
+            "loss_is_scaled_for_ga) before accelerator.backward, and returns that loss", TRANSFORMERS),
     Checked("transformers.Trainer", "_signature_columns", None,
             "the columns the dataloaders keep, a list set by _set_signature_columns_if_needed", TRANSFORMERS),
     Checked("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref", None,
@@ -215,6 +223,24 @@ def logged_metrics(trainer, mode: str) -> dict[str, list[float]]:
     return trainer._metrics[mode]
 
 
+@contextmanager
+def metrics_discarded(trainer, mode: str = "train"):
+    """What the trainer logs for ``mode`` inside the block is dropped: a second pass over the same batch (a weight
+    perturbation's) would otherwise count its metrics twice. A trainer without TRL's log (a plain transformers
+    Trainer) logs nothing there."""
+    if "_metrics" not in vars(trainer):
+        yield
+        return
+    lengths = {name: len(values) for name, values in trainer._metrics[mode].items()}
+    try:
+        yield
+    finally:
+        for name in list(trainer._metrics[mode]):
+            del trainer._metrics[mode][name][lengths.get(name, 0):]
+            if not trainer._metrics[mode][name]:
+                del trainer._metrics[mode][name]
+
+
 def prepare_dataset(trainer, *args, **kwargs):
     """The trainer's ``_prepare_dataset`` (SFTTrainer's or DPOTrainer's, see ``CHECKED``): tokenize as for training."""
     return trainer._prepare_dataset(*args, **kwargs)
@@ -231,6 +257,26 @@ def per_token_logps_and_entropies(trainer, *args, **kwargs):
 def prepare_inputs(trainer, inputs: dict) -> dict:
     """A batch as the Trainer prepares its own before ``compute_loss`` (on the device)."""
     return trainer._prepare_inputs(inputs)
+
+
+def training_loss(trainer, model, inputs: dict, num_items_in_batch=None):
+    """The loss ``Trainer.training_step`` backpropagates for the micro-batch ``inputs`` (raw, as the dataloader gives
+    them), without backpropagating it: its gradient, averaged over processes and summed over the step's micro-batches,
+    is the step's gradient. (accelerate divides by its own accumulation count, 1 under the Trainer.)"""
+    inputs = trainer._prepare_inputs(inputs)
+    with trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+    if trainer.args.n_gpu > 1:
+        loss = loss.mean()
+    scaled_for_ga = trainer.loss_is_scaled_for_ga
+    if scaled_for_ga is None:
+        scaled_for_ga = ((trainer.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                         or trainer.compute_loss_func is not None)
+    if not scaled_for_ga:
+        loss = loss / trainer.current_gradient_accumulation_steps
+    if trainer.accelerator.distributed_type != "DEEPSPEED":
+        loss = loss / trainer.accelerator.gradient_accumulation_steps
+    return loss
 
 
 def add_signature_columns(trainer, columns) -> None:

@@ -36,10 +36,14 @@ from llmreg.trainer_utils import (
     SFT_FORMATS,
     StepIndexedRows,
     check_dataset_columns,
-    gathered_parameters,
     gradients_added_in_backward,
-    is_zero3,
     prepare_side_dataset,
+)
+from llmreg.weight_perturbation import (
+    autograd_gradients,
+    moved_parameters,
+    random_draws_replayed,
+    sum_over_processes,
 )
 
 
@@ -97,46 +101,6 @@ class BoosterTrainer(SFTTrainer):
         with self.compute_loss_context_manager():
             return model(**inputs, use_cache=False, num_items_in_batch=num_items).loss
 
-    def _sum_over_processes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.accelerator.num_processes == 1:
-            return tensors
-        flat = self.accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="sum")
-        return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-    def _grad(self, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``torch.autograd.grad``: the gradients are returned, ``.grad`` (and DeepSpeed's buffers) untouched."""
-        grads = list(torch.autograd.grad(loss, inputs))
-        if is_zero3(self.accelerator):
-            # ZeRO-3 releases the parameters it gathered for a backward in its gradient hooks, which this backward
-            # does not run (nothing is accumulated): release them, as DeepSpeed does after a backward.
-            self.model_wrapped.empty_partition_cache()
-        return grads
-
-    @contextmanager
-    def _moved_to(self, params: list[torch.nn.Parameter], steps: list[torch.Tensor]):
-        """Move ``params`` to w + step for the duration of the block, then copy the saved w back, bit for bit. Under
-        ZeRO-3 the parameters are gathered for the move and the copy back (every process holds the same steps)."""
-        with gathered_parameters(self.accelerator, params, modifier_rank=0), torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            for p, step in zip(params, steps):
-                p.add_(step)
-        try:
-            yield
-        finally:
-            with gathered_parameters(self.accelerator, params, modifier_rank=0), torch.no_grad():
-                for p, copy in zip(params, saved):
-                    p.copy_(copy)
-
-    def _random_draws_replayed(self):
-        """torch's generators (CPU and this process's device) are restored on leaving the block, so that the next pass
-        draws what the block drew. Booster's objective is of one network: h(w) − h(w − α·∇h(w)/‖∇h(w)‖) with the same
-        h in both terms. With a random training forward (LoRA Dropout's masks, PEFT's lora_dropout, attention dropout)
-        h is the loss of one sampled sub-network m, and both harmful passes must be of that m: a second draw would
-        evaluate h_m2 at a step taken along ∇h_m1, which is no sub-network's regularizer. Activation checkpointing
-        replays the generator within a pass, so it changes nothing here."""
-        device = self.accelerator.device
-        return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
-
     def _booster_gradient(self, model) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
         """λ·(∇h(w) − ∇h(w̃)) for this process, to be added to the gradient of the step's last micro-batch: every
         process adds λ·(g − R·g̃_r), g of the global harmful batch and g̃_r its own share of ∇h(w̃), so that the
@@ -148,13 +112,17 @@ class BoosterTrainer(SFTTrainer):
         processes = self.accelerator.num_processes
         num_items = self.accelerator.reduce((batch["labels"][:, 1:] != -100).sum(), reduction="sum")
 
-        with self._random_draws_replayed():  # w̃'s pass below draws what this one draws: one sub-network
+        # Booster's objective is of one network: h(w) − h(w − α·∇h(w)/‖∇h(w)‖) with the same h in both terms. With a
+        # random training forward (LoRA Dropout's masks, PEFT's lora_dropout, attention dropout) h is the loss of one
+        # sampled sub-network m, and both harmful passes must be of that m: a second draw would evaluate h_m2 at a
+        # step taken along ∇h_m1, which is no sub-network's regularizer.
+        with random_draws_replayed(self.accelerator):  # w̃'s pass below draws what this one draws
             harmful_loss = self._lm_loss(unwrapped, batch, num_items)
-            local_grads = self._grad(harmful_loss, params)
-        grads = self._sum_over_processes(local_grads)
-        with self._moved_to(params, perturbation(grads, args.booster_alpha, args.booster_epsilon)):
+            local_grads = autograd_gradients(self, harmful_loss, params)
+        grads = sum_over_processes(self.accelerator, local_grads)
+        with moved_parameters(self.accelerator, params, perturbation(grads, args.booster_alpha, args.booster_epsilon)):
             perturbed_loss = self._lm_loss(unwrapped, batch, num_items)
-            perturbed_grads = [processes * g for g in self._grad(perturbed_loss, params)]
+            perturbed_grads = [processes * g for g in autograd_gradients(self, perturbed_loss, params)]
         extras = regularizer_gradient(grads, perturbed_grads, args.booster_lambda)
 
         values = self.accelerator.reduce(torch.stack([harmful_loss.detach(), perturbed_loss.detach()]).float(),
@@ -188,7 +156,7 @@ class BoosterTrainer(SFTTrainer):
             for batch in batch_samples:
                 outputs.clear()
                 loss = self._lm_loss(unwrapped, prepare_inputs(self, batch), num_items)
-                grads = self._grad(loss, outputs[:len(layers)])
+                grads = autograd_gradients(self, loss, outputs[:len(layers)])
                 squares = squares + sum(g.detach().double().square().sum() for g in grads).cpu()
                 per_batch.append([g.detach() for g in grads])
                 losses.append(loss.detach().float())

@@ -1,0 +1,311 @@
+"""Weight perturbation for any TRL or llmreg trainer: SAM, ASAM, finite-difference gradient-norm regularization, AWP.
+
+    class SAMSFTTrainer(WeightPerturbationMixin, SFTTrainer): ...        # or with_weight_perturbation(SFTTrainer)
+    trainer = SAMSFTTrainer(model, args=args, train_dataset=data, peft_config=LoraConfig(...),
+                            weight_perturbation=WeightPerturbationConfig("sam", perturbation_rho=0.05))
+
+Each optimizer step takes its gradient at moved weights w + δ (the rules and their papers:
+``llmreg.losses.perturbation``):
+
+1. at the step's first micro-batch, g = ∇L(w) over all the step's micro-batches and processes, by
+   ``torch.autograd.grad`` on the loss the trainer's own ``training_step`` would backpropagate (its scaling for
+   gradient accumulation and token counts included), so that 1 micro-batch of 8 rows and 8 of 1 give the same g;
+   the accumulated ``.grad`` is not touched;
+2. δ from g (and w: ASAM, AWP); the trainable parameters are saved and moved to w + δ (gathered under ZeRO-3);
+3. the trainer's own step runs every micro-batch at w + δ: its backward accumulates g̃ = ∇L(w + δ) as it would
+   accumulate ∇L(w), whoever owns ``.grad`` (DDP, ZeRO-2/3). For gradient-norm regularization, whose update is
+   (1 − c)·g + c·g̃, hooks on the parameters scale that backward by c and add (1 − c)·g once, at the last micro-batch;
+4. after the last micro-batch's backward, before the optimizer steps, the saved w is copied back, bit for bit. Under
+   DeepSpeed the optimizer steps inside that backward, from its own fp32 copy of the weights, which the move did not
+   touch: the update is of w, and the copy back is needed only when it skipped the step (fp16 overflow).
+
+A random training forward (dropout, LoRA Dropout's masks) draws the same in both passes of a micro-batch (the
+generators are rewound after step 1): the perturbation is of one sampled sub-network, as Booster's. Cost: one extra
+forward and backward per micro-batch, and the step-1 gradients and a copy of the trainable weights in memory.
+The logged loss is L(w), the trainer's own metrics are those of that pass; the perturbed pass is logged as
+``perturbation/loss`` and ‖g‖ as ``perturbation/grad_norm``, ‖δ‖ as ``perturbation/norm``.
+"""
+
+import contextlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOTrainer
+
+from llmreg._compat import log_metric, metrics_discarded, training_loss
+from llmreg.losses.perturbation import (
+    adaptive_step,
+    global_norm,
+    gradient_norm_coefficients,
+    layerwise_step,
+    normalized_step,
+)
+from llmreg.trainer_utils import PrefetchedStepMixin, gathered_parameters, gradients_added_in_backward, is_zero3
+
+
+# --- the engine: gradients without .grad, weights moved and restored (Booster's passes too) --------------------------
+
+
+def autograd_gradients(trainer, loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``torch.autograd.grad``: the gradients are returned, ``.grad`` (and DeepSpeed's buffers) untouched. An input
+    (a trainable parameter) the loss does not reach is an error: its gradient would silently be 0."""
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    if is_zero3(trainer.accelerator):
+        # ZeRO-3 releases the parameters it gathered for a backward in its gradient hooks, which this backward
+        # does not run (nothing is accumulated): release them, as DeepSpeed does after a backward.
+        trainer.model_wrapped.empty_partition_cache()
+    missing = sum(g is None for g in grads)
+    if missing:
+        raise RuntimeError(f"{missing} trainable parameters get no gradient from the loss, so no perturbation can be "
+                           "computed for them. Freeze them (requires_grad=False).")
+    return list(grads)
+
+
+def sum_over_processes(accelerator, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over processes, in one collective."""
+    if accelerator.num_processes == 1:
+        return tensors
+    flat = accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="sum")
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def move_parameters(accelerator, params: list[torch.nn.Parameter],
+                    steps: Callable[[list[torch.nn.Parameter]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Save every parameter, then move it by its step, in place; returns the saved copy. ``steps`` is called with the
+    whole parameters (gathered under ZeRO-3, where every process computes the same steps and process 0's are kept)."""
+    with gathered_parameters(accelerator, params, modifier_rank=0), torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        for p, step in zip(params, steps(params), strict=True):
+            p.add_(step)
+    return saved
+
+
+def restore_parameters(accelerator, params: list[torch.nn.Parameter], saved: list[torch.Tensor]) -> None:
+    """Copy the saved values back, bit for bit (adding the step back would drift in bf16)."""
+    with gathered_parameters(accelerator, params, modifier_rank=0), torch.no_grad():
+        for p, copy in zip(params, saved, strict=True):
+            p.copy_(copy)
+
+
+@contextmanager
+def moved_parameters(accelerator, params: list[torch.nn.Parameter], steps: list[torch.Tensor]):
+    """``params`` at w + step for the duration of the block, then w again, bit for bit."""
+    saved = move_parameters(accelerator, params, lambda _: steps)
+    try:
+        yield
+    finally:
+        restore_parameters(accelerator, params, saved)
+
+
+def random_draws_replayed(accelerator):
+    """torch's generators (CPU and this process's device) are restored on leaving the block, so that the next pass
+    draws what the block drew: with a random training forward (dropout, LoRA Dropout's masks) both passes are then of
+    one sampled sub-network. Activation checkpointing replays the generator within a pass, so it changes nothing."""
+    device = accelerator.device
+    return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type)
+
+
+# --- the regularizers ------------------------------------------------------------------------------------------------
+
+METHODS = ("none", "sam", "asam", "gradient_norm", "awp")
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}  # the papers' usual radii (ASAM's is larger: its step is scaled by |w|)
+
+
+@dataclass
+class WeightPerturbationConfig:
+    """Which perturbation and its size. See ``llmreg.losses.perturbation`` for the math."""
+
+    weight_perturbation: str = field(
+        default="none",
+        metadata={"help": f"The rule: {', '.join(METHODS)}. sam: the gradient at w + ρ·g/‖g‖; asam: the same in the "
+                          "|w|-scaled geometry; gradient_norm: the gradient of L + (γ/2)‖∇L‖² by a forward "
+                          "difference; awp: each weight tensor moved by γ·‖W‖ along its own gradient."},
+    )
+    perturbation_rho: float | None = field(
+        default=None, metadata={"help": "ρ of sam and asam: the radius of the ascent step (default 0.05 for sam, 0.5 "
+                                        "for asam)."}
+    )
+    asam_eta: float = field(default=0.01, metadata={"help": "η of asam: T = |w| + η, so that zeros can move."})
+    gradient_norm_gamma: float = field(
+        default=0.01, metadata={"help": "γ of gradient_norm: the weight of (γ/2)‖∇L‖² in the objective."}
+    )
+    gradient_norm_epsilon: float = field(
+        default=0.05, metadata={"help": "ε of gradient_norm: the length of the finite-difference step along g/‖g‖."}
+    )
+    awp_gamma: float = field(
+        default=5e-3, metadata={"help": "γ of awp: each weight tensor moves by γ times its own norm."}
+    )
+
+    def __post_init__(self):
+        if self.weight_perturbation not in METHODS:
+            raise ValueError(f"Unknown weight_perturbation {self.weight_perturbation!r}; valid: {', '.join(METHODS)}.")
+        if self.perturbation_rho is None:
+            self.perturbation_rho = DEFAULT_RHO.get(self.weight_perturbation, 0.05)
+        sizes = {"perturbation_rho": self.perturbation_rho, "asam_eta": self.asam_eta, "awp_gamma": self.awp_gamma,
+                 "gradient_norm_gamma": self.gradient_norm_gamma}
+        bad = {name: value for name, value in sizes.items() if value < 0}
+        if bad:
+            raise ValueError(f"The perturbation sizes must be >= 0; got {bad}.")
+        if self.gradient_norm_epsilon <= 0:
+            raise ValueError(f"gradient_norm_epsilon is the finite-difference step and must be > 0; got "
+                             f"{self.gradient_norm_epsilon}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight_perturbation != "none"
+
+
+class WeightPerturbationMixin:
+    """See the module docstring. Goes before the trainer class; ``weight_perturbation="none"`` changes nothing."""
+
+    def __init__(self, *args, weight_perturbation: WeightPerturbationConfig | None = None, **kwargs):
+        config = weight_perturbation if weight_perturbation is not None else WeightPerturbationConfig()
+        if config.enabled and isinstance(self, PrefetchedStepMixin):
+            raise ValueError(f"{config.weight_perturbation} runs {type(self).__name__}'s loss twice per micro-batch, "
+                             "but this trainer normalizes each micro-batch by step-wide counts it takes once per "
+                             "call. Use the weight perturbation with SFT-, DPO- or reward-style trainers.")
+        super().__init__(*args, **kwargs)
+        self.weight_perturbation = config
+        self._perturbation_pending = None  # (the step's micro-batches, their token count), set by get_batch_samples
+        self._losses_at_w: list[torch.Tensor] = []  # L(w) of each remaining micro-batch of the step
+        self._saved_weights = None
+        self._perturbed: list[torch.nn.Parameter] = []  # the trainable parameters, found at each step's start
+        self._perturbation_terms = None  # (scale, extras) of gradient_norm's combination
+        self._in_perturbed_pass = False
+        if config.enabled:
+            self._refuse_what_cannot_compose()
+
+    def _refuse_what_cannot_compose(self):
+        name = self.weight_perturbation.weight_perturbation
+        if self.is_fsdp_enabled:
+            raise ValueError(f"{name} moves the trainable parameters to w + δ for a step, and FSDP2 keeps them as "
+                             "sharded DTensors that its forward unshards into other tensors. Use DeepSpeed ZeRO-3 "
+                             "(accelerate_configs/deepspeed_zero3.yaml) or DDP.")
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 0:
+            raise ValueError(f"{name} under DeepSpeed relies on the optimizer's own copy of the weights (ZeRO stages "
+                             "1-3), which the move to w + δ leaves at w; ZeRO stage 0 steps the moved weights. Use "
+                             "ZeRO stage 1, 2 or 3, or DDP.")
+        if isinstance(self, GRPOTrainer):
+            raise TypeError(f"{name} computes each step's gradient at w first, over all its micro-batches; GRPO-style "
+                            "trainers (RPG) generate their rollouts while preparing those micro-batches, so the "
+                            "first pass would generate again. Use it with SFT-, DPO- or reward-style trainers.")
+        # Read by name: Booster's config lives above this module.
+        if getattr(self.args, "booster_lambda", 0.0) > 0 or getattr(self.args, "vaccine_rho", 0.0) > 0:
+            raise ValueError(f"Booster and Vaccine move the weights or hidden states within the step themselves; "
+                             f"with {name} they would be evaluated at w + δ, a regularizer of another point. Use one "
+                             "of them.")
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The perturbation is normalized over the whole optimizer step (every micro-batch, every process), so it needs
+        # the step's micro-batches before the first one trains; the Trainer fetches them all here.
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.weight_perturbation.enabled:
+            self._perturbation_pending = (batch_samples, num_items_in_batch)
+        return batch_samples, num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.weight_perturbation.enabled:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self._perturbation_pending is None and not self._losses_at_w:  # called outside the Trainer's loop
+            self._perturbation_pending = ([inputs], num_items_in_batch)
+        if self._perturbation_pending is not None:  # the step's first micro-batch: g, δ, and the move
+            self._start_step(model, *self._perturbation_pending)
+            self._perturbation_pending = None
+        last = self.accelerator.sync_gradients
+        scale, extras = self._perturbation_terms or (1.0, None)
+        combination = contextlib.nullcontext()
+        if scale != 1.0 or (last and extras is not None):
+            combination = gradients_scaled_in_backward(self._perturbed, scale, extras if last else None)
+        self._in_perturbed_pass = True
+        try:
+            with combination:
+                perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_perturbed_pass = False
+            if last:
+                self._finish_step()
+        log_metric(self, "train", "perturbation/loss", self._mean_over_processes(perturbed_loss).item())
+        return self._losses_at_w.pop(0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The trainer's metrics (entropy, accuracy, rewards, ...) are those of L(w), the loss this step reports: the
+        # perturbed pass's are dropped. Metrics logged outside the loss (the ℓ1 penalty's) stay.
+        with metrics_discarded(self) if self._in_perturbed_pass else contextlib.nullcontext():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().float()
+        return value if self.accelerator.num_processes == 1 else self.accelerator.reduce(value, reduction="mean")
+
+    def _start_step(self, model, batches: list[dict], num_items_in_batch) -> None:
+        config = self.weight_perturbation
+        unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: this pass is not the step's backward
+        unwrapped.train()
+        named = [(name, p) for name, p in unwrapped.named_parameters() if p.requires_grad]
+        params = self._perturbed = [p for _, p in named]
+        grads, self._losses_at_w = None, []
+        with random_draws_replayed(self.accelerator):  # the step's own passes will draw what these draw
+            for batch in batches:
+                loss = training_loss(self, unwrapped, batch, num_items_in_batch)
+                local = autograd_gradients(self, loss, params)
+                grads = local if grads is None else [a + b for a, b in zip(grads, local, strict=True)]
+                self._losses_at_w.append(loss.detach())
+        # Each process's loss is its share scaled so that DDP's average over processes is the step's gradient.
+        processes = self.accelerator.num_processes
+        grads = [g / processes for g in sum_over_processes(self.accelerator, grads)]
+        grad_norm = float(global_norm(grads))
+        rule = config.weight_perturbation
+        moved = []
+
+        def steps(whole: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+            if rule == "sam":
+                moved.extend(normalized_step(grads, config.perturbation_rho))
+            elif rule == "gradient_norm":
+                moved.extend(normalized_step(grads, config.gradient_norm_epsilon))
+            elif rule == "asam":  # T = |w| + η on weights, not biases, as the paper's code
+                scaled = [name.endswith("weight") for name, _ in named]
+                moved.extend(adaptive_step(grads, whole, config.perturbation_rho, config.asam_eta, scaled))
+            else:  # awp
+                moved.extend(layerwise_step(grads, whole, config.awp_gamma))
+            return moved
+
+        self._perturbation_terms = None
+        if rule == "gradient_norm":
+            a, b = gradient_norm_coefficients(grad_norm, config.gradient_norm_gamma, config.gradient_norm_epsilon)
+            self._perturbation_terms = (b, [a * g for g in grads])
+        self._saved_weights = move_parameters(self.accelerator, params, steps)
+        log_metric(self, "train", "perturbation/grad_norm", grad_norm)
+        log_metric(self, "train", "perturbation/norm", float(global_norm(moved)))
+
+    def _finish_step(self) -> None:
+        """w back before the optimizer steps (see the module docstring for DeepSpeed, which stepped already)."""
+        saved, self._saved_weights, self._perturbation_terms = self._saved_weights, None, None
+        if saved is None:
+            return
+        if self.is_deepspeed_enabled and self.model_wrapped.was_step_applied():
+            return  # the update of w, from DeepSpeed's own copy, is in the weights now
+        restore_parameters(self.accelerator, self._perturbed, saved)
+
+
+@contextmanager
+def gradients_scaled_in_backward(params: list[torch.nn.Parameter], scale: float, extras: list[torch.Tensor] | None):
+    """In the backward run inside the block, each parameter's gradient is multiplied by ``scale`` and, when given,
+    ``extras[i]`` is added once (``gradients_added_in_backward``): through hooks on the parameters, so that it reaches
+    ``.grad`` the way the loss's own gradient does (DDP's buckets, DeepSpeed's partitions)."""
+    handles = [p.register_hook(lambda grad: grad * scale) for p in params] if scale != 1.0 else []
+    added = gradients_added_in_backward(params, extras, "The gradient-norm term") if extras is not None else \
+        contextlib.nullcontext()
+    try:
+        with added:
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def with_weight_perturbation(trainer_class: type) -> type:
+    """``trainer_class`` with a weight perturbation: a subclass with ``WeightPerturbationMixin`` first."""
+    return type(f"WeightPerturbation{trainer_class.__name__}", (WeightPerturbationMixin, trainer_class), {})
