@@ -27,6 +27,7 @@ The logged loss is L(w), the trainer's own metrics are those of that pass; the p
 """
 
 import contextlib
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -179,7 +180,8 @@ class WeightPerturbationMixin:
 
     def _refuse_what_cannot_compose(self):
         name = self.weight_perturbation.weight_perturbation
-        if self.is_fsdp_enabled:
+        # An FSDP launch on CPU runs as DDP, so the launch's request is what counts, as for Booster.
+        if self.is_fsdp_enabled or self.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise ValueError(f"{name} moves the trainable parameters to w + δ for a step, and FSDP2 keeps them as "
                              "sharded DTensors that its forward unshards into other tensors. Use DeepSpeed ZeRO-3 "
                              "(accelerate_configs/deepspeed_zero3.yaml) or DDP.")

@@ -5,6 +5,7 @@ Each config's jobs run in one launch (``run_jobs.py``); ``jobs(config, root)`` l
 ``root/<name>``. The equivalence jobs run with a per-device batch of 2b on one process and b on two.
 """
 
+import os
 from pathlib import Path
 
 
@@ -80,6 +81,13 @@ STEP_ARGS = {
                             "--gradient_accumulation_steps", "2"],
     "unlearn_scrub": [str(SCRIPTS / "unlearn_step.py"), "--objective", "scrub", "--l1_lambda", "0.01"],
     "unlearn_dpo": [str(SCRIPTS / "unlearn_step.py"), "--objective", "dpo", "--l1_lambda", "0.01"],
+    # The step's gradient at w over both micro-batches and both processes, the weights moved and restored (ZeRO-3:
+    # gathered; DeepSpeed: its optimizer steps from its own copy of w); gradient_norm's hooks scale and add.
+    "sam": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "sam", "--perturbation_rho", "0.5",
+            "--gradient_accumulation_steps", "2"],
+    "gradient_norm_lora": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "gradient_norm",
+                           "--gradient_norm_gamma", "0.05", "--gradient_norm_epsilon", "0.2", *LORA],
+    "awp": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "awp", "--awp_gamma", "0.05"],
     "rpg": [str(SCRIPTS / "rpg_step.py")],
     "rspo": [str(SCRIPTS / "rspo_step.py")],
     "spin": [str(SCRIPTS / "spin_step.py")],
@@ -89,7 +97,9 @@ STEP_BATCH = {"sft": 2, "rpg": 8}  # b; the others take 4 (and Booster's harmful
 # What llmreg refuses, per config: the job must fail with this in its message.
 # (The FTaaS pipeline aligns with BoosterTrainer, λ = 0 for its SFT baseline.)
 REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_ftaas": "does not support FSDP",
-                          "step_booster": "does not support FSDP", "step_booster_lora": "does not support FSDP"}}
+                          "step_booster": "does not support FSDP", "step_booster_lora": "does not support FSDP",
+                          **{f"step_{name}": "FSDP2 keeps them as sharded DTensors"
+                             for name in ("sam", "gradient_norm_lora", "awp")}}}
 
 
 # Under ZeRO-3 the unlearning recipe runs its whole protocol (full fine-tunes of the original and gold models, then
@@ -101,6 +111,7 @@ UNLEARN_PROTOCOL = [str(RECIPES / "unlearn.py"), "--world_dataset_name", "none",
 
 
 def jobs(config: str, root: Path) -> list[dict]:
+    """The config's jobs; with $LLMREG_MATRIX_ONLY (comma-separated parts of job names), only the jobs it names."""
     listed = []
 
     def add(name, script, *args):
@@ -131,4 +142,5 @@ def jobs(config: str, root: Path) -> list[dict]:
         # LoRA Dropout draws its masks on each process: with p = 0.5 a row of B stays zero only where both dropped it.
         add("lora_dropout_masks", str(SCRIPTS / "lora_regularizers_step.py"), "--per_device_train_batch_size", "4",
             "--lora_dropout_p", "0.5", "--lora_dropout_train_samples", "2", "--l1_lambda", "0.01", "--max_steps", "1")
-    return listed
+    only = [part for part in os.environ.get("LLMREG_MATRIX_ONLY", "").split(",") if part]
+    return [job for job in listed if not only or any(part in job["name"] for part in only)]
