@@ -1,0 +1,54 @@
+"""Anchors toward the starting weights against forgetting: L2-SP and EWC.
+
+- L2-SP (Li, Grandvalet & Davoine 2018, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks",
+  arXiv 1802.01483, Ω of §3 without its term on new layers): (λ/2)·‖θ − θ₀‖².
+- EWC (Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks", arXiv 1612.00796, Eq. 3):
+  (λ/2)·Σ_i F_i·(θ_i − θ₀_i)², F the diagonal Fisher information of the old behaviour at θ₀, estimated here from
+  its data (the "empirical" Fisher): F_i = (1/N)·Σ_n (∂ log p(y_n | x_n)/∂θ_i)², one sequence log-likelihood per
+  example (a sum over its answer tokens).
+
+With LoRA the distance is the adapter's update of each base weight, ΔW = s·B·A (s = lora_alpha/r), not A and B
+themselves (weight decay on A and B would pull toward BA = 0 only indirectly, and in a metric of the factorization):
+(λ/2)·Σ_layers Σ_ij F_ij·ΔW_ij², F the Fisher of the base weight W (L2-SP: F = 1). Its gradients are, with
+P = λ·F ⊙ ΔW, ∂/∂B = s·P·Aᵀ and ∂/∂A = s·Bᵀ·P.
+
+Tensors in, tensors out; the trainer finds the tensors and adds the gradients once per optimizer step.
+"""
+
+import torch
+
+
+def anchor_penalty(deltas: list[torch.Tensor], fishers: list[torch.Tensor | None], lam: float) -> torch.Tensor:
+    """(λ/2)·Σ F·Δ² over all tensors (F None: 1, L2-SP), in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for delta, fisher in zip(deltas, fishers, strict=True):
+        squares = delta.detach().double().square()
+        total = total + (squares if fisher is None else fisher.double() * squares).sum().cpu()
+    return lam / 2 * total
+
+
+def anchor_gradients(deltas: list[torch.Tensor], fishers: list[torch.Tensor | None],
+                     lam: float) -> list[torch.Tensor]:
+    """∂/∂θ of the penalty: λ·F·(θ − θ₀) per tensor."""
+    return [(lam * delta if fisher is None else lam * fisher.to(delta.dtype) * delta).detach()
+            for delta, fisher in zip(deltas, fishers, strict=True)]
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """ΔW = s·B·A: (out, r) × (r, in) → (out, in)."""
+    return scaling * (lora_b @ lora_a)
+
+
+def lora_anchor_gradients(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fisher: torch.Tensor | None,
+                          lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂/∂A, ∂/∂B) of (λ/2)·Σ F·(s·B·A)²: with P = λ·F ⊙ ΔW, (s·Bᵀ·P, s·P·Aᵀ)."""
+    delta = lora_delta(lora_a.detach(), lora_b.detach(), scaling)
+    weighted = lam * (delta if fisher is None else fisher.to(delta.dtype) * delta)
+    return scaling * lora_b.detach().T @ weighted, scaling * weighted @ lora_a.detach().T
+
+
+def accumulate_fisher(fisher: list[torch.Tensor] | None, example_grads: list[torch.Tensor],
+                      num_examples: int) -> list[torch.Tensor]:
+    """Add one example's squared log-likelihood gradients / N to the running diagonal Fisher (float32)."""
+    squares = [g.detach().float().square() / num_examples for g in example_grads]
+    return squares if fisher is None else [f + s for f, s in zip(fisher, squares, strict=True)]

@@ -1,0 +1,160 @@
+"""AnchorMixin (llmreg/anchor.py) on TRL's SFTTrainer: the gradient it adds is λ·F·Δ computed by hand (full
+fine-tuning) and the gradient of the penalty on ΔW = s·B·A (LoRA), λ = 0 is SFT bit for bit, the Fisher equals a
+per-example computation by hand and is saved and reused, gradient accumulation 1×8 equals 8×1, bad input is refused."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from llmreg.anchor import AnchorConfig, with_anchor
+from llmreg.lab import arithmetic_dataset, facts_dataset
+from llmreg.trainer_utils import prepare_side_dataset
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+AnchoredSFTTrainer = with_anchor(SFTTrainer)
+COMMON = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
+              logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
+              learning_rate=0.05, max_length=64)
+
+
+def config(tmp_path, **overrides):
+    return SFTConfig(**{"output_dir": str(tmp_path), "max_steps": 1, "per_device_train_batch_size": 8, **COMMON,
+                        **overrides})
+
+
+def lora():
+    # init_lora_weights=False: B is random, so ΔW ≠ 0 from the first step and the anchor acts at once.
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights=False)
+
+
+def old_behaviour(rows=6):
+    return facts_dataset("retain").select_columns(["prompt", "completion"]).select(range(rows))
+
+
+def trainer_for(lab_model_dir, args, anchor=None, **kwargs):
+    return AnchoredSFTTrainer(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(8), anchor=anchor,
+                              **kwargs)
+
+
+def step_gradients(trainer):
+    inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.training_step(trainer.model, inputs)
+    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_full_fine_tuning_adds_lambda_times_the_distance(lab_model_dir, tmp_path):
+    trainer = trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("l2sp", anchor_lambda=3.0))
+    without = step_gradients(trainer)  # at θ₀: Δ = 0, nothing added
+    generator = torch.Generator().manual_seed(1)
+    moves = {}
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            moves[name] = 0.01 * torch.randn(p.shape, generator=generator)
+            p.add_(moves[name])
+    moved = step_gradients(trainer)
+    trainer.anchor_config.anchor_lambda = 1e-12  # the same weights, the anchor's gradient ~0
+    plain = step_gradients(trainer)
+    for name in moved:
+        torch.testing.assert_close(moved[name] - plain[name], 3.0 * moves[name], rtol=1e-4, atol=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(without.values(), plain.values())) > 0  # the move mattered
+    logged = trainer._metrics["train"]
+    assert logged["anchor/distance"][1] == pytest.approx(float(sum(m.double().square().sum() for m in moves.values())),
+                                                         rel=1e-4)
+
+
+def test_lora_adds_the_gradient_of_the_penalty_on_delta_w(lab_model_dir, tmp_path):
+    trainer = trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("l2sp", anchor_lambda=2.0),
+                          peft_config=lora())
+    # By hand: (λ/2)·Σ‖s·B·A‖² over the adapted layers, differentiated by autograd on copies of A and B.
+    penalty, leaves = 0.0, {}
+    for name, module in trainer.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            a = module.lora_A["default"].weight.detach().clone().requires_grad_(True)
+            b = module.lora_B["default"].weight.detach().clone().requires_grad_(True)
+            penalty = penalty + 2.0 / 2 * (module.scaling["default"] * b @ a).square().sum()
+            leaves[f"{name}.lora_A.default.weight"], leaves[f"{name}.lora_B.default.weight"] = a, b
+    expected = dict(zip(leaves, torch.autograd.grad(penalty, list(leaves.values()))))
+    with_anchor_grads = step_gradients(trainer)
+    trainer.anchor_config.anchor_lambda = 1e-12
+    plain = step_gradients(trainer)
+    layers = trainer.model.config.num_hidden_layers
+    assert set(expected) == set(plain) and len(expected) == 4 * layers  # q and v of every layer, A and B
+    for name, hand in expected.items():
+        torch.testing.assert_close(with_anchor_grads[name] - plain[name], hand, rtol=1e-4, atol=1e-7)
+    assert max(hand.abs().max() for hand in expected.values()) > 1e-3
+
+
+def test_lambda_zero_is_sft_bit_for_bit(lab_model_dir, tmp_path):
+    anchored = trainer_for(lab_model_dir, config(tmp_path / "a", max_steps=2), AnchorConfig("l2sp", 0.0),
+                           peft_config=lora())
+    anchored.train()
+    plain = SFTTrainer(str(lab_model_dir), args=config(tmp_path / "s", max_steps=2),
+                       train_dataset=arithmetic_dataset(8), peft_config=lora())
+    plain.train()
+    for (name, a), b in zip(anchored.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_fisher_is_the_mean_squared_log_likelihood_gradient_and_is_reused(lab_model_dir, tmp_path):
+    path = tmp_path / "fisher.safetensors"
+    trainer = trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
+                          peft_config=lora(), fisher_dataset=old_behaviour(3))
+    fisher = load_file(path)
+    layers = trainer.model.config.num_hidden_layers
+    assert set(fisher) == {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(layers) for m in "qv"}
+    # By hand: each row's answer log-likelihood = −(HF's mean CE) × its answer tokens, differentiated w.r.t. the base
+    # weights of a fresh copy of the model; the Fisher is the mean of the squares.
+    twin = AutoModelForCausalLM.from_pretrained(lab_model_dir)
+    weights = {name: p for name, p in twin.named_parameters() if name in fisher}
+    tokenized = prepare_side_dataset(trainer, old_behaviour(3), "check")
+    hand = {name: torch.zeros_like(p) for name, p in weights.items()}
+    for row in tokenized:
+        batch = trainer.data_collator([row])
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        log_likelihood = -twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).loss * tokens
+        for name, grad in zip(weights, torch.autograd.grad(log_likelihood, list(weights.values()))):
+            hand[name] += grad.square() / 3
+    for name in fisher:
+        torch.testing.assert_close(fisher[name], hand[name], rtol=1e-3, atol=1e-9)
+    assert json.loads(path.with_suffix(".json").read_text())["num_samples"] == "3"
+    # Reused: a later run loads it (no data needed); other data against the saved record is refused.
+    again = trainer_for(lab_model_dir, config(tmp_path / "again"), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
+                        peft_config=lora())
+    assert torch.equal(again._fisher[0].cpu(), fisher["model.layers.0.self_attn.q_proj.weight"])
+    with pytest.raises(ValueError, match="estimated on other data"):
+        trainer_for(lab_model_dir, config(tmp_path / "other"), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
+                    peft_config=lora(), fisher_dataset=old_behaviour(4))
+
+
+@pytest.mark.parametrize("anchor", ["l2sp", "ewc"])
+def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, anchor):
+    updates = []
+    for batch, accumulation in ((8, 1), (1, 8)):
+        args = config(tmp_path / str(batch), per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=accumulation, max_steps=2)
+        trainer = trainer_for(lab_model_dir, args, AnchorConfig(anchor, 50.0, fisher_path=str(tmp_path / "f")),
+                              peft_config=lora(), fisher_dataset=old_behaviour(3))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        updates.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad})
+    assert max(u.abs().max() for u in updates[0].values()) > 1e-4
+    for name in updates[0]:
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=1e-4, atol=1e-7)
+
+
+def test_bad_input_is_refused(lab_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="valid: none, l2sp, ewc"):
+        AnchorConfig("sp")
+    with pytest.raises(ValueError, match="pass fisher_dataset"):
+        trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("ewc", 1.0))
