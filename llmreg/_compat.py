@@ -17,6 +17,7 @@ drop it, and llmreg would then fail deep inside training, or worse, train on qui
 Upgrading a library: run ``pytest tests/test_compat.py``, read the failing notes, fix their users, update the entries.
 """
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ __all__ = [
     "has_generation_markers",
     "has_indices_mapping",
     "hf_deepspeed_config",
+    "independent_copy",
     "log_metric",
     "logged_metrics",
     "metrics_discarded",
@@ -87,7 +89,8 @@ CHECKED = [
     Checked("trl.trainer.utils", "add_fused_lm_head",
             "(model: transformers.modeling_utils.PreTrainedModel, temperature: float = 1.0, "
             "cast_lm_head_to_fp32: bool = False, outputs: tuple[str, ...] = ('log_probs',)) -> None",
-            "policy_sequence_logps calls model(..., labels=, fused_lm_head=True) and reads outputs.log_probs", TRL),
+            "policy_sequence_logps calls model(..., labels=, fused_lm_head=True) and reads outputs.log_probs; it sets "
+            "the instance's forward to a closure over the model, which independent_copy drops", TRL),
     Checked("trl.chat_template_utils", "has_generation_markers", "(chat_template: str | dict[str, str]) -> bool",
             "check_assistant_only_loss: whether SFTTrainer can mask a template's assistant turns", TRL),
     # --- TRL: the trainers' model card, set by every llmreg trainer --------------------------------------------------
@@ -249,6 +252,14 @@ def prepare_dataset(trainer, *args, **kwargs):
 def per_token_logps_and_entropies(trainer, *args, **kwargs):
     """GRPOTrainer's ``_get_per_token_logps_and_entropies``: its fused log-prob forward, with entropies."""
     return trainer._get_per_token_logps_and_entropies(*args, **kwargs)
+
+
+def independent_copy(model):
+    """A frozen-able deep copy of a model that runs its own weights: TRL's ``add_fused_lm_head`` (SFTTrainer applies
+    it) sets the instance's ``forward`` to a closure over the original model, which a deep copy would keep calling."""
+    duplicate = copy.deepcopy(model)
+    vars(duplicate).pop("forward", None)
+    return duplicate
 
 
 # --- transformers ----------------------------------------------------------------------------------------------------

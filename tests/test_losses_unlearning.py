@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from llmreg.losses.kl import vocab_kl
 from llmreg.losses.unlearning import (
     dpo_unlearning_loss,
     ga_loss,
@@ -16,7 +17,6 @@ from llmreg.losses.unlearning import (
     npo_loss,
     rmu_loss,
     scrub_loss,
-    vocab_kl,
 )
 
 

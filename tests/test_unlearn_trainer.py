@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 
 from llmreg.lab import facts_dataset
+from llmreg.losses.kl import vocab_kl
 from llmreg.losses.selfplay import sequence_logps
 from llmreg.losses.unlearning import (
     dpo_unlearning_loss,
@@ -20,7 +21,6 @@ from llmreg.losses.unlearning import (
     npo_loss,
     rmu_loss,
     scrub_loss,
-    vocab_kl,
 )
 from llmreg.unlearn import OBJECTIVES, UnlearnConfig, UnlearnTrainer
 from llmreg.unlearn.unlearn_config import DEFAULT_BETA, RETAIN_OBJECTIVES

@@ -8,9 +8,14 @@ For samples x ~ p and the log-ratio r = log p(x) − log q(x), unbiased or low-v
 
 ``k3_of_log(log_y)`` = y − 1 − log y is the function under ``k3`` (k3 = k3_of_log(−r)); RPG's unnormalized KLs are
 importance-weighted values of it (RPG paper, App. D).
+
+``vocab_kl`` is the exact KL between two next-token distributions given as logits, summed over the vocabulary and
+averaged over the masked tokens: for a model and a teacher or base model scored on the same tokens.
 """
 
 import torch
+
+from llmreg.losses.aggregation import aggregate
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -31,3 +36,12 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "
     if estimator == "k3":
         return k3_of_log(-log_ratio)
     raise ValueError(f"Unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}.")
+
+
+def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor,
+             num_items: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary (normalized by
+    ``num_items`` when given)."""
+    log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return aggregate(per_token, mask, "token-mean", num_items)

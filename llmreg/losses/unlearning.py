@@ -32,15 +32,6 @@ def nll(token_logps: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor |
     return aggregate(-token_logps, mask, "token-mean", num_items)
 
 
-def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor,
-             num_items: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary (normalized by
-    ``num_items`` when given)."""
-    log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return aggregate(per_token, mask, "token-mean", num_items)
-
-
 def ga_loss(forget_nll: torch.Tensor) -> torch.Tensor:
     return -forget_nll
 

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from llmreg._compat import add_signature_columns, log_metric, prepare_inputs
 from llmreg.l1_penalty import L1PenaltyMixin
+from llmreg.losses.kl import vocab_kl
 from llmreg.losses.selfplay import sequence_logps
 from llmreg.losses.unlearning import (
     dpo_unlearning_loss,
@@ -33,7 +34,6 @@ from llmreg.losses.unlearning import (
     npo_loss,
     rmu_loss,
     scrub_loss,
-    vocab_kl,
 )
 from llmreg.scoring import selective_log_softmax
 from llmreg.trainer_utils import (

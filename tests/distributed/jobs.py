@@ -89,9 +89,12 @@ STEP_ARGS = {
                            "--gradient_norm_gamma", "0.05", "--gradient_norm_epsilon", "0.2", *LORA],
     "awp": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "awp", "--awp_gamma", "0.05"],
     # The anchor's gradient once per step (2 micro-batches); EWC's Fisher estimated over both processes' rows.
-    "anchor_l2sp": [str(SCRIPTS / "anchor_step.py"), "--anchor", "l2sp", "--anchor_lambda", "20",
+    "anchor_l2sp": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "l2sp", "--anchor_lambda", "20",
                     "--gradient_accumulation_steps", "2"],
-    "anchor_ewc_lora": [str(SCRIPTS / "anchor_step.py"), "--anchor", "ewc", "--anchor_lambda", "1000", *LORA],
+    "anchor_ewc_lora": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "ewc", "--anchor_lambda", "1000", *LORA],
+    # The KL's token mean over the step's tokens on both processes; the base is the adapter disabled.
+    "kl_to_base_lora": [str(SCRIPTS / "forgetting_step.py"), "--kl_to_base_beta", "1", *LORA,
+                        "--gradient_accumulation_steps", "2"],
     "rpg": [str(SCRIPTS / "rpg_step.py")],
     "rspo": [str(SCRIPTS / "rspo_step.py")],
     "spin": [str(SCRIPTS / "spin_step.py")],
