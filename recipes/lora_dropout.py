@@ -9,6 +9,8 @@ It trains the same LoRA twice on ``num_train_samples`` rows, with p = 0 and with
 each: the held-out loss, and the accuracy and expected calibration error (ECE) of classifying the held-out rows by
 the answers' likelihoods, over ``label_choices`` — one pass (the expected adapter) and the ensemble of
 ``--lora_dropout_eval_samples`` masks. Results: ``<output_dir>/lora_dropout_results.{md,json}``.
+``--weight_perturbation sam`` (asam, gradient_norm, awp; llmreg/weight_perturbation.py) trains both arms with it: the
+flatness regularizers on the same small-data task (recipes/sweeps/weight_perturbation_lora.yaml compares them).
 """
 
 import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
@@ -27,6 +29,7 @@ from llmreg.lora_dropout import LoRADropoutConfig, choice_probabilities, with_lo
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.stages import Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import check_assistant_only_loss, reset_accelerator_state, write_atomically
+from llmreg.weight_perturbation import WeightPerturbationConfig, with_weight_perturbation
 
 
 @dataclass
@@ -68,8 +71,8 @@ def check_arguments(model_args: ModelConfig) -> None:
                          "there is nothing to drop. Remove --use_peft false (the recipe turns --use_peft on).")
 
 
-def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, training_args: SFTConfig,
-         model_args: ModelConfig) -> None:
+def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, perturbation: WeightPerturbationConfig,
+         training_args: SFTConfig, model_args: ModelConfig) -> None:
     check_arguments(model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     check_assistant_only_loss(model_args.model_name_or_path, training_args)
@@ -81,7 +84,8 @@ def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, tr
     base_dir, rows, trainer = Path(training_args.output_dir), [], None
     shared = {"model": model_args.model_name_or_path, "peft": get_peft_config(model_args).to_dict(),
               "data": {"train": dataset_digest(train), "heldout": dataset_digest(heldout)},
-              "label_choices": script_args.label_choices, "num_processes": PartialState().num_processes}
+              "label_choices": script_args.label_choices, "weight_perturbation": asdict(perturbation),
+              "num_processes": PartialState().num_processes}
     for name, p in (("LoRA", 0.0), (f"LoRA Dropout (p = {dropout.lora_dropout_p:g})", dropout.lora_dropout_p)):
         config = LoRADropoutConfig(lora_dropout_p=p, lora_dropout_train_samples=dropout.lora_dropout_train_samples if p
                                    else 1, lora_dropout_per_example=dropout.lora_dropout_per_example)
@@ -95,9 +99,9 @@ def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, tr
             with stage.build() as work:
                 training_args.output_dir = str(work)
                 reset_accelerator_state()  # a second Trainer under DeepSpeed needs its own Accelerator
-                trainer = with_lora_dropout(SFTTrainer)(
+                trainer = with_weight_perturbation(with_lora_dropout(SFTTrainer))(
                     model_args.model_name_or_path, args=training_args, train_dataset=train, eval_dataset=heldout,
-                    peft_config=get_peft_config(model_args), lora_dropout=config)
+                    peft_config=get_peft_config(model_args), lora_dropout=config, weight_perturbation=perturbation)
                 trainer.train(resume_from_checkpoint=last_complete_checkpoint(work))
                 trainer.save_state()  # <arm>/trainer_state.json: the curves llmreg report and llmreg ablate read
                 arm_rows, scores = [], {}  # scores: flat, heldout_loss, ..., ensemble_heldout_loss, ... (eval.json)
@@ -125,7 +129,7 @@ def main(script_args: LoRADropoutScriptArguments, dropout: LoRADropoutConfig, tr
 def make_parser():
     # With no arguments the recipe runs what recipes/configs/lora_dropout_lab.yaml spells out.
     return make_recipe_parser(
-        (LoRADropoutScriptArguments, LoRADropoutConfig, SFTConfig, ModelConfig),
+        (LoRADropoutScriptArguments, LoRADropoutConfig, WeightPerturbationConfig, SFTConfig, ModelConfig),
         dataset_name="llmreg/sentiment",
         output_dir="outputs/lora_dropout",
         use_peft=True,

@@ -18,6 +18,7 @@ from llmreg.trainer_utils import check_dataset_columns
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 import booster
+import forgetting
 import ftaas
 import lora_dropout
 import reweight
@@ -170,7 +171,7 @@ def test_unknown_lab_dataset_is_an_error_listing_the_valid_ones(tiny_model_dir):
 @pytest.mark.parametrize(("recipe", "config"), [
     (sft, "sft.yaml"), (rpg, "rpg_lab.yaml"), (rspo, "rspo_lab.yaml"), (spin, "spin_lab.yaml"),
     (booster, "booster_lab.yaml"), (ftaas, "ftaas_lab.yaml"), (lora_dropout, "lora_dropout_lab.yaml"),
-    (unlearn, "unlearn_lab.yaml"), (reweight, "reweight_lab.yaml"),
+    (unlearn, "unlearn_lab.yaml"), (reweight, "reweight_lab.yaml"), (forgetting, "forgetting_lab.yaml"),
 ])
 def test_no_arguments_run_what_the_shipped_lab_config_spells_out(recipe, config):
     path = str(Path(__file__).parents[1] / "recipes" / "configs" / config)
@@ -219,7 +220,8 @@ def test_the_ftaas_recipe_parses_its_grid_and_both_stages(tiny_model_dir):
     assert grid.finetune_learning_rate == 3e-5 and alignment.booster_lambda == 1.0
 
 
-@pytest.mark.parametrize("recipe", [sft, booster, ftaas, lora_dropout, reweight, rpg, rspo, spin, unlearn])
+@pytest.mark.parametrize("recipe", [sft, booster, ftaas, lora_dropout, reweight, rpg, rspo, spin, unlearn,
+                                    forgetting])
 def test_every_recipe_quantizes_the_base_for_qlora_and_refuses_it_without_lora(recipe, tiny_model_dir):
     # --load_in_4bit reaches from_pretrained through model_init_kwargs in every recipe (none ignores it); without
     # --use_peft the quantized weights could not train, so it is refused before anything loads.
