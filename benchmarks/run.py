@@ -16,12 +16,15 @@ from harness import compare
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from llmreg.anchor import AnchorConfig, with_anchor
 from llmreg.booster import BoosterConfig, BoosterTrainer
+from llmreg.kl_to_base import KLToBaseConfig, with_kl_to_base
 from llmreg.l1_penalty import with_l1_penalty
 from llmreg.lab import (
     arithmetic_dataset,
     arithmetic_reward,
     ensure_lab_model,
+    facts_dataset,
     safety_alignment_dataset,
     safety_harmful_dataset,
 )
@@ -30,6 +33,7 @@ from llmreg.reweight import ReweightConfig, ReweightTrainer
 from llmreg.rpg import RPGConfig, RPGTrainer
 from llmreg.rspo import RSPOConfig, RSPOTrainer
 from llmreg.spin import SPINConfig, SPINTrainer
+from llmreg.weight_perturbation import WeightPerturbationConfig, with_weight_perturbation
 
 
 # Every round is one train() call stopped by the harness, so max_steps only has to exceed the longest round; the
@@ -239,6 +243,38 @@ def make_l1_case():
     return make_lora_case(with_l1_penalty(SFTTrainer), l1_lambda=0.01)
 
 
+def make_sam_case():
+    """SAM (ρ = 0.05) on LoRA against plain LoRA: one extra forward and backward per micro-batch."""
+    return make_lora_case(with_weight_perturbation(SFTTrainer), weight_perturbation=WeightPerturbationConfig("sam"))
+
+
+def make_gradient_norm_case():
+    """Finite-difference gradient-norm regularization on LoRA against plain LoRA: SAM's passes plus the combination's
+    hooks."""
+    return make_lora_case(with_weight_perturbation(SFTTrainer),
+                          weight_perturbation=WeightPerturbationConfig("gradient_norm"))
+
+
+def make_l2sp_case():
+    """L2-SP on the LoRA update ΔW = s·B·A (λ = 0.01) against plain LoRA: the closed-form gradient once a step."""
+    return make_lora_case(with_anchor(SFTTrainer), anchor=AnchorConfig("l2sp", 0.01))
+
+
+def make_ewc_case():
+    """EWC on ΔW (λ = 100; the Fisher of 16 fact rows, estimated when the trainer is built, not timed) against plain
+    LoRA."""
+    fisher = os.path.join(tempfile.mkdtemp(prefix="llmreg-bench-"), "fisher.safetensors")
+    old = facts_dataset("retain").select_columns(["prompt", "completion"])
+    return make_lora_case(with_anchor(SFTTrainer), anchor=AnchorConfig("ewc", 100.0, fisher_path=fisher,
+                                                                       fisher_num_samples=16), fisher_dataset=old)
+
+
+def make_kl_to_base_case():
+    """KL to the base (β = 0.5, the adapter disabled) on LoRA against plain LoRA: one more forward without gradients
+    and the logits rebuilt from the last hidden state."""
+    return make_lora_case(with_kl_to_base(SFTTrainer), kl_to_base=KLToBaseConfig(0.5))
+
+
 def make_reweight_case(baseline: str = "sft"):
     """ReweightTrainer (LinUpper, r = 1, no warmup) against SFTTrainer on the lab arithmetic task, or, with
     ``baseline="uniform"``, against ReweightTrainer with uniform weights (SFT's loss computed the same way), which
@@ -284,7 +320,9 @@ CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "sp
          "booster": make_booster_case, "booster_equal_passes": make_booster_equal_passes_case,
          "vaccine": make_vaccine_case, "lora_dropout": make_lora_dropout_case, "l1": make_l1_case,
          "reweight": make_reweight_case, "reweight_vs_uniform": make_reweight_vs_uniform_case,
-         "reweight_step_scope": make_reweight_step_scope_case}
+         "reweight_step_scope": make_reweight_step_scope_case, "sam": make_sam_case,
+         "gradient_norm": make_gradient_norm_case, "l2sp": make_l2sp_case, "ewc": make_ewc_case,
+         "kl_to_base": make_kl_to_base_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

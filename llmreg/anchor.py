@@ -13,8 +13,9 @@ split over the processes and summed; saved to ``fisher_path`` (safetensors, keye
 names, so a LoRA run and a full fine-tune share it) and loaded from there by a later run. With LoRA it is the Fisher of
 the adapted base weights W.
 
-The penalty's gradient is computed in closed form once per optimizer step and added to the last micro-batch's
-backward through hooks on the parameters (as the ℓ1 penalty's), so gradient accumulation and data-parallel averaging
+The penalty's gradient is computed in closed form once per optimizer step (layers of one shape as one stack) and added
+after the last micro-batch's backward (under DeepSpeed, inside it, through hooks on the parameters; as the ℓ1
+penalty's), so gradient accumulation and data-parallel averaging
 leave it λ·F·Δ, under DDP and DeepSpeed ZeRO-2/3 (ZeRO-3 gathers the adapter to read it; full fine-tuning under
 ZeRO-3 is refused, as its θ₀ would be a full copy per process). The logged loss is the task's; ``anchor/distance``
 (Σ F·Δ²) and ``anchor/penalty`` are logged apart. λ = 0 is the trainer itself.
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from llmreg._compat import log_metric
-from llmreg.losses.anchor import accumulate_fisher, anchor_gradients, anchor_penalty, lora_anchor_gradients, lora_delta
+from llmreg.losses.anchor import accumulate_fisher, anchor_gradients, anchor_penalty, lora_anchor_gradients
 from llmreg.scoring import token_logps
 from llmreg.stages import dataset_digest
 from llmreg.trainer_utils import gathered_parameters, gradients_added_in_backward, is_zero3, prepare_side_dataset
@@ -185,6 +186,17 @@ class AnchorMixin:
         if config.anchor == "ewc":
             fisher = self._load_or_estimate_fisher(fisher_dataset, names)
             self._fisher = [fisher[name].to(self.accelerator.device) for name in names]
+        if self._anchor_layers is not None:
+            # Layers of one shape and scaling are computed as one stack (a few batched products per step, not a few
+            # per layer): groups of layer indices, each with its Fisher stacked once here.
+            groups = {}
+            for index, (_, layer, adapter) in enumerate(self._anchor_layers):
+                key = (tuple(layer.lora_A[adapter].weight.shape), tuple(layer.lora_B[adapter].weight.shape),
+                       layer.scaling[adapter])
+                groups.setdefault(key, []).append(index)
+            self._anchor_groups = [(indices, key[2], None if self._fisher[0] is None else
+                                    torch.stack([self._fisher[i] for i in indices]))
+                                   for key, indices in groups.items()]
 
     def _load_or_estimate_fisher(self, dataset, names: list[str]) -> dict[str, torch.Tensor]:
         config = self.anchor_config
@@ -224,26 +236,39 @@ class AnchorMixin:
             if self._anchor_layers is None:
                 deltas = [p - origin for p, origin in zip(self._anchor_params, self._anchor_origin)]
                 extras = anchor_gradients(deltas, self._fisher, lam)
+                distance = (2 / lam) * anchor_penalty(deltas, self._fisher, lam).item()
             else:
-                deltas, extras = [], []
-                for (_, layer, adapter), fisher in zip(self._anchor_layers, self._fisher):
-                    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-                    scaling = layer.scaling[adapter]
-                    deltas.append(lora_delta(lora_a, lora_b, scaling))
-                    extras.extend(lora_anchor_gradients(lora_a, lora_b, scaling, fisher, lam))
-            penalty = anchor_penalty(deltas, self._fisher, lam).item()
-        return extras, (2 * penalty / lam), penalty
+                extras, squares = [None] * len(self._anchor_params), []
+                for indices, scaling, fisher in self._anchor_groups:
+                    # _anchor_params holds A then B of each layer: A of layer i at 2i, B at 2i + 1.
+                    lora_a = torch.stack([self._anchor_params[2 * i] for i in indices])
+                    lora_b = torch.stack([self._anchor_params[2 * i + 1] for i in indices])
+                    grad_a, grad_b, squared = lora_anchor_gradients(lora_a, lora_b, scaling, fisher, lam)
+                    for i, a, b in zip(indices, grad_a.unbind(), grad_b.unbind()):
+                        extras[2 * i], extras[2 * i + 1] = a, b
+                    squares.append(squared)
+                distance = torch.stack(squares).sum().item()  # one synchronization for all layers
+        return extras, distance, lam / 2 * distance
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # λ·F·Δ is added once per optimizer step, at its last micro-batch, identical on every process: through hooks
-        # in that micro-batch's backward, so that DDP and DeepSpeed average it with the loss's gradient.
+        # λ·F·Δ is added once per optimizer step, at its last micro-batch, identical on every process. Without
+        # DeepSpeed it goes straight into the synchronized .grad after that micro-batch's backward; DeepSpeed owns
+        # .grad, so there it joins the backward through hooks on the parameters, averaged with the loss's gradient.
         if not self.anchor_config.enabled or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
         extras, distance, penalty = self._anchor_terms()
         log_metric(self, "train", "anchor/distance", distance)
         log_metric(self, "train", "anchor/penalty", penalty)
-        with gradients_added_in_backward(self._anchor_params, extras, "The anchor's gradient"):
-            return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled:
+            with gradients_added_in_backward(self._anchor_params, extras, "The anchor's gradient"):
+                return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if any(p.grad is None for p in self._anchor_params):
+            raise RuntimeError("The anchor's gradient could not be added: some trainable parameters got no gradient "
+                               "from the loss. Freeze those parameters (requires_grad=False).")
+        torch._foreach_add_([p.grad for p in self._anchor_params], [e.to(p.grad.dtype) for p, e in
+                                                                     zip(self._anchor_params, extras)])
+        return loss
 
 
 def with_anchor(trainer_class: type) -> type:

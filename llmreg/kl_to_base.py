@@ -10,14 +10,16 @@ token-averaged as SFT's loss is (over the whole step's tokens on every process, 
 parallelism leave it unchanged). ``forward`` is KL(π_base‖π_θ), distillation from the base (it keeps mass wherever the
 base put some); ``reverse`` is KL(π_θ‖π_base), RLHF's direction. The base is the model with its adapter disabled with
 LoRA (no second model in memory), and a frozen copy of the starting model in full fine-tuning (as TRL's DPO keeps its
-reference; not under ZeRO-3, which shards it): one more forward per micro-batch, without gradients. The θ logits are
-rebuilt from the last hidden state, which a hook keeps, and the output embedding: SFTTrainer's fused head computes
-only the label tokens' log-probabilities. Logged: ``kl_to_base/kl`` (the token mean over the step's tokens on every
+reference; not under ZeRO-3, which shards it): one more forward of the decoder per micro-batch, without gradients.
+Both distributions are computed at the answer tokens only, from the last hidden states there and the output
+embedding (SFTTrainer's fused head computes only the label tokens' log-probabilities; a hook keeps the model's hidden
+states). Logged: ``kl_to_base/kl`` (the token mean over the step's tokens on every
 process).
 
 Not yet: the base's top-k log-probabilities precomputed once (no copy in full fine-tuning).
 """
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -85,22 +87,21 @@ class KLToBaseMixin:
                                           num_items_in_batch=num_items_in_batch)
         finally:
             handle.remove()
-        logits = base.get_output_embeddings()(hidden[-1])
-        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        if self._frozen_base is not None:
-            with torch.no_grad():
-                base_logits = self._frozen_base(**model_inputs, use_cache=False).logits
-        else:
-            with unwrapped.disable_adapter(), torch.no_grad():
-                base_logits = unwrapped(**model_inputs, use_cache=False).logits
+        # Only the answer tokens' logits are needed: the last hidden states there, through the output embedding.
         mask = inputs["labels"][:, 1:] != -100
-        policy, reference = logits[:, :-1], base_logits[:, :-1]
-        pair = (reference, policy) if self.kl_to_base.kl_to_base_direction == "forward" else (policy, reference)
+        logits = base.get_output_embeddings()(hidden[-1][:, :-1][mask])
+        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        reference_model = self._frozen_base if self._frozen_base is not None else base
+        with unwrapped.disable_adapter() if self._frozen_base is None else contextlib.nullcontext(), torch.no_grad():
+            base_hidden = reference_model.get_decoder()(**model_inputs, use_cache=False)[0]
+            base_logits = reference_model.get_output_embeddings()(base_hidden[:, :-1][mask])
+        pair = (base_logits, logits) if self.kl_to_base.kl_to_base_direction == "forward" else (logits, base_logits)
         # As SFT's loss: over the step's answer tokens on every process, times the process count (DDP averages).
-        kl = vocab_kl(*pair, mask, num_items_in_batch)
+        every = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
+        kl = vocab_kl(*pair, every, num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             kl = kl * self.accelerator.num_processes
-        self._log_kl(vocab_kl(*pair, mask).detach(), mask.sum())
+        self._log_kl(vocab_kl(*pair, every).detach(), every.sum())
         if return_outputs:
             loss, outputs = result
             return loss + beta * kl, outputs

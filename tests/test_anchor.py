@@ -150,7 +150,8 @@ def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_pat
         updates.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad})
     assert max(u.abs().max() for u in updates[0].values()) > 1e-4
     for name in updates[0]:
-        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=1e-4, atol=1e-7)
+        # Two steps at λ = 50: float32 sums in another order; the anchor added once per micro-batch would be 8×.
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=5e-4, atol=1e-6)
 
 
 def test_bad_input_is_refused(lab_model_dir, tmp_path):

@@ -28,21 +28,29 @@ def test_lora_gradients_by_hand():
     # ∂/∂B = s·P·Aᵀ = [[0.5], [0]], ∂/∂A = s·Bᵀ·P = [[1, 0]].
     lora_a, lora_b = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0], [0.0]])
     torch.testing.assert_close(lora_delta(lora_a, lora_b, 0.5), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    grad_a, grad_b = lora_anchor_gradients(lora_a, lora_b, 0.5, None, lam=1.0)
+    grad_a, grad_b, squared = lora_anchor_gradients(lora_a, lora_b, 0.5, None, lam=1.0)
     torch.testing.assert_close(grad_a, torch.tensor([[1.0, 0.0]]))
     torch.testing.assert_close(grad_b, torch.tensor([[0.5], [0.0]]))
+    assert squared.item() == pytest.approx(1.0)  # ‖ΔW‖²
+    # With F = 2 everywhere (the ΔW path): twice the gradients and the weighted squares.
+    grad_a, grad_b, squared = lora_anchor_gradients(lora_a, lora_b, 0.5, torch.full((2, 2), 2.0), lam=1.0)
+    torch.testing.assert_close(grad_a, torch.tensor([[2.0, 0.0]]))
+    torch.testing.assert_close(grad_b, torch.tensor([[1.0], [0.0]]))
+    assert squared.item() == pytest.approx(2.0)
 
 
-def test_lora_gradients_are_those_of_the_penalty_on_delta_w():
+@pytest.mark.parametrize("weighted", [True, False])
+def test_lora_gradients_are_those_of_the_penalty_on_delta_w(weighted):
     generator = torch.Generator().manual_seed(0)
     lora_a = torch.randn(3, 5, generator=generator, dtype=torch.float64, requires_grad=True)
     lora_b = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
-    fisher = torch.rand(4, 5, generator=generator, dtype=torch.float64)
-    penalty = 0.7 / 2 * (fisher * (2.5 * lora_b @ lora_a) ** 2).sum()
+    fisher = torch.rand(4, 5, generator=generator, dtype=torch.float64) if weighted else None
+    penalty = 0.7 / 2 * ((1.0 if fisher is None else fisher) * (2.5 * lora_b @ lora_a) ** 2).sum()
     expected_a, expected_b = torch.autograd.grad(penalty, (lora_a, lora_b))
-    grad_a, grad_b = lora_anchor_gradients(lora_a, lora_b, 2.5, fisher, lam=0.7)
+    grad_a, grad_b, squared = lora_anchor_gradients(lora_a, lora_b, 2.5, fisher, lam=0.7)
     torch.testing.assert_close(grad_a, expected_a)
     torch.testing.assert_close(grad_b, expected_b)
+    assert 0.7 / 2 * squared.item() == pytest.approx(penalty.item())
     assert anchor_penalty([lora_delta(lora_a, lora_b, 2.5)], [fisher], 0.7).item() == pytest.approx(penalty.item())
 
 

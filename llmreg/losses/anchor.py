@@ -35,16 +35,28 @@ def anchor_gradients(deltas: list[torch.Tensor], fishers: list[torch.Tensor | No
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ΔW = s·B·A: (out, r) × (r, in) → (out, in)."""
+    """ΔW = s·B·A: (out, r) × (r, in) → (out, in), or a stack of them: (L, out, r) × (L, r, in) → (L, out, in)."""
     return scaling * (lora_b @ lora_a)
 
 
 def lora_anchor_gradients(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fisher: torch.Tensor | None,
-                          lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂/∂A, ∂/∂B) of (λ/2)·Σ F·(s·B·A)²: with P = λ·F ⊙ ΔW, (s·Bᵀ·P, s·P·Aᵀ)."""
-    delta = lora_delta(lora_a.detach(), lora_b.detach(), scaling)
-    weighted = lam * (delta if fisher is None else fisher.to(delta.dtype) * delta)
-    return scaling * lora_b.detach().T @ weighted, scaling * weighted @ lora_a.detach().T
+                          lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∂/∂A, ∂/∂B, Σ F·ΔW²) of (λ/2)·Σ F·(s·B·A)²: with P = λ·F ⊙ ΔW, ∂/∂A = s·Bᵀ·P and ∂/∂B = s·P·Aᵀ.
+
+    Without F (L2-SP) ΔW is never formed: with the r × r Gram matrices G_A = A·Aᵀ and G_B = Bᵀ·B, ‖ΔW‖² =
+    s²·tr(G_B·G_A), ∂/∂A = λ·s²·G_B·A and ∂/∂B = λ·s²·B·G_A, O(r²·(in + out)) instead of O(r·in·out).
+
+    A stack of L layers of one shape, (L, r, in) and (L, out, r) with F (L, out, in), gives stacked gradients and the
+    sum over the stack."""
+    lora_a, lora_b = lora_a.detach(), lora_b.detach()
+    if fisher is None:
+        gram_a, gram_b = lora_a @ lora_a.mT, lora_b.mT @ lora_b
+        squared = scaling ** 2 * (gram_b * gram_a).sum()  # tr(G_B·G_A), both symmetric
+        return lam * scaling ** 2 * gram_b @ lora_a, lam * scaling ** 2 * lora_b @ gram_a, squared
+    delta = lora_delta(lora_a, lora_b, scaling)
+    weighted = fisher.to(delta.dtype) * delta
+    squared = (weighted * delta).sum()
+    return lam * scaling * lora_b.mT @ weighted, lam * scaling * weighted @ lora_a.mT, squared
 
 
 def accumulate_fisher(fisher: list[torch.Tensor] | None, example_grads: list[torch.Tensor],
