@@ -58,7 +58,11 @@ class ForgettingArguments(ScriptArguments):
         default_factory=lambda: ["sft", "l2sp:0.01", "ewc:10", "kl_to_base:0.3", "replay:0.1"],
         metadata={"help": f"The arms, `name` or `name:strength`; names: {', '.join(ARMS)}."},
     )
-    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "One run per arm and seed."})
+    seeds: list[int] | None = field(
+        default_factory=lambda: [0, 1],
+        metadata={"help": "One run per arm and seed, in <arm>/seed<s>/. None (null in YAML): the run's --seed alone, "
+                          "in <arm>/ (as llmreg ablate runs it, one seed per run)."},
+    )
     old_dataset_name: str = field(default="llmreg/facts", metadata={"help": "The old behaviour's data."})
     old_dataset_split: str = field(default="retain", metadata={"help": "Its split."})
     fisher_num_samples: int = field(default=256, metadata={"help": "EWC: old rows the Fisher is estimated on."})
@@ -171,8 +175,9 @@ def pareto_plot(base: dict, results: dict[str, list[dict]]) -> bytes:
 
 def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     arms = [parse_arm(spec) for spec in script_args.arms]
-    if len(set(script_args.arms)) != len(script_args.arms) or not script_args.seeds:
+    if len(set(script_args.arms)) != len(script_args.arms) or script_args.seeds == []:
         raise InputError("--arms must not repeat an arm, and --seeds needs at least one seed.")
+    seeds = script_args.seeds if script_args.seeds is not None else [training_args.seed]
     check_assistant_only_loss(model_args.model_name_or_path, training_args)
     model = model_args.model_name_or_path
     train = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
@@ -198,9 +203,11 @@ def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args:
     base = scored_stage(output_dir / "base", {"stage": "forgetting-base", **shared}, script_args.overwrite, score_base)
     results = {}
     for arm_spec, (name, strength) in zip(script_args.arms, arms):
-        for seed in script_args.seeds:
+        for seed in seeds:
             arm_dir = output_dir / arm_spec.replace(":", "=")
-            args = replace(training_args, output_dir=str(arm_dir / f"seed{seed}"), seed=seed,
+            if script_args.seeds is not None:
+                arm_dir = arm_dir / f"seed{seed}"
+            args = replace(training_args, output_dir=str(arm_dir), seed=seed,
                            model_init_kwargs=init_kwargs)
             data = mix_replay(train, old, strength, seed) if name == "replay" else train
             anchor = AnchorConfig(name, strength, fisher_path=str(output_dir / "fisher.safetensors"),
@@ -232,13 +239,13 @@ def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args:
                 trainer.accelerator.wait_for_everyone()
 
             results.setdefault(arm_spec, []).append(
-                scored_stage(arm_dir / f"seed{seed}", settings, script_args.overwrite, build))
+                scored_stage(arm_dir, settings, script_args.overwrite, build))
     if not PartialState().is_main_process:
         return {}
     table = results_table(base, results)
     write_atomically(output_dir / "forgetting_results.md", table)
     write_atomically(output_dir / "forgetting_results.json",
-                     json.dumps({"base": base, "arms": results, "seeds": script_args.seeds}, indent=1))
+                     json.dumps({"base": base, "arms": results, "seeds": seeds}, indent=1))
     write_atomically(output_dir / "forgetting_pareto.png", pareto_plot(base, results))
     print(table)
     return {"base": base, "arms": results}

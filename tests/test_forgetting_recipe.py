@@ -54,3 +54,13 @@ def test_bad_arms_are_refused_before_training(lab_model_dir, tmp_path, arms, mes
     with pytest.raises(InputError, match=message):
         run(lab_model_dir, tmp_path, "--arms", *arms)
     assert not (tmp_path / "base").exists()
+
+
+def test_without_seeds_a_run_trains_its_own_seed_as_llmreg_ablate_runs_it(lab_model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("seeds: null\nseed: 3\narms: [sft]\n")
+    args = ["--config", str(config), "--model_name_or_path", str(lab_model_dir), "--output_dir", str(tmp_path / "out"),
+            "--max_steps", "2", "--num_eval_samples", "4", "--disable_tqdm", "true"]
+    result = forgetting.main(*parse_recipe_args(forgetting.make_parser(), args))
+    stage = json.loads((tmp_path / "out" / "sft" / "llmreg_stage.json").read_text())  # <arm>/, no seed level
+    assert stage["settings"]["training"]["seed"] == 3 and len(result["arms"]["sft"]) == 1
