@@ -33,6 +33,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from trl import SFTTrainer
 
 from llmreg._compat import log_metric
 from llmreg.losses.anchor import accumulate_fisher, anchor_gradients, anchor_penalty, lora_anchor_gradients
@@ -216,6 +217,10 @@ class AnchorMixin:
                                      f"({recorded} against {current}). Remove it, or point fisher_path elsewhere.")
             logger.info("EWC: the Fisher loaded from %s", path)
             return fisher
+        if not isinstance(self, SFTTrainer):
+            raise TypeError(f"EWC's Fisher is estimated on SFT-format rows, tokenized as an SFTTrainer tokenizes its "
+                            f"data; {type(self).__name__} is not one. Estimate the Fisher with an SFT trainer first "
+                            "(its fisher_path), then pass that fisher_path here.")
         if is_zero3(self.accelerator):
             raise ValueError("EWC's Fisher is estimated from per-example gradients of the whole base weights, which "
                              "ZeRO-3 shards: estimate it in one process first (fisher_path), then train under ZeRO-3.")

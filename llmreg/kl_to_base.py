@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import PeftModel
+from trl import SFTTrainer
 
 from llmreg._compat import independent_copy, log_metric
 from llmreg.losses.kl import vocab_kl
@@ -61,6 +62,10 @@ class KLToBaseMixin:
         self._frozen_base = None
         if config.kl_to_base_beta == 0:
             return
+        if not isinstance(self, SFTTrainer):
+            raise TypeError(f"The KL to the base is taken at the answer tokens of SFT-style batches (their labels); "
+                            f"{type(self).__name__} is not an SFTTrainer. DPO- and GRPO-style trainers have their "
+                            "own KL to a reference (beta).")
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
             if is_zero3(self.accelerator):

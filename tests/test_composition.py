@@ -1,8 +1,9 @@
-"""Regularizers composed in one run (issue 9): reweighted SFT + LoRA Dropout + ℓ1, RPG + LoRA Dropout, Booster + LoRA
-Dropout. For each combination and each regularizer in it: its metric is in the log history of a training step, and its
-term is in the step's gradient — the gradient with it on differs from the gradient with it off, from the same weights,
-batch and seed (ℓ1: by exactly λ1·sign(θ); Booster: by exactly the λ·(∇h(w) − ∇h(w̃)) it computed). The combinations
-that cannot work are refused before training, with the reason and the fix."""
+"""Regularizers composed in one run: reweighted SFT + LoRA Dropout + ℓ1, RPG + LoRA Dropout, Booster + LoRA Dropout,
+SAM + LoRA Dropout, EWC + the KL to the base, reweighting + the KL to the base. For each combination and each
+regularizer in it: its metric is in the log history of a training step, and its term is in the step's gradient — the
+gradient with it on differs from the gradient with it off, from the same weights, batch and seed (ℓ1: by exactly
+λ1·sign(θ); Booster: by exactly the λ·(∇h(w) − ∇h(w̃)) it computed). The combinations that cannot work are refused
+before training, with the reason and the fix."""
 
 import pytest
 import torch
@@ -10,12 +11,21 @@ from helpers import length_reward
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
+from llmreg.anchor import AnchorConfig, AnchorMixin
 from llmreg.booster import BoosterConfig, BoosterTrainer
+from llmreg.kl_to_base import KLToBaseConfig, KLToBaseMixin, with_kl_to_base
 from llmreg.l1_penalty import with_l1_penalty
-from llmreg.lab import arithmetic_dataset, corpus_dataset, safety_alignment_dataset, safety_harmful_dataset
+from llmreg.lab import (
+    arithmetic_dataset,
+    corpus_dataset,
+    facts_dataset,
+    safety_alignment_dataset,
+    safety_harmful_dataset,
+)
 from llmreg.lora_dropout import LoRADropoutConfig, with_lora_dropout
 from llmreg.reweight import ReweightConfig, ReweightTrainer
 from llmreg.rpg import RPGConfig, RPGTrainer
+from llmreg.weight_perturbation import WeightPerturbationConfig, with_weight_perturbation
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -233,3 +243,78 @@ def test_vaccine_with_lora_dropout_is_refused_with_the_reason(lab_model_dir, tmp
         with_lora_dropout(BoosterTrainer)(str(lab_model_dir), args=args, train_dataset=safety_alignment_dataset(8),
                                           harmful_dataset=safety_harmful_dataset(8), peft_config=lora(),
                                           lora_dropout=LoRADropoutConfig(lora_dropout_p=P))
+
+
+# --- weight perturbation and the anti-forgetting regularizers --------------------------------------------------------
+
+def test_sam_with_lora_dropout_perturbs_one_sub_network(lab_model_dir, tmp_path):
+    # Both passes of a micro-batch draw the same masks: at ρ = 0, SAM + LoRA Dropout is LoRA Dropout bit for bit; at
+    # ρ > 0 its update differs, and both regularizers log their metrics.
+    def trained(rho, perturbed=True):
+        args = SFTConfig(str(tmp_path / f"{rho}-{perturbed}"), **{**COMMON, "max_steps": 2}, optim="sgd",
+                         max_grad_norm=0.0, per_device_train_batch_size=4, max_length=64)
+        cls = with_lora_dropout(SFTTrainer)
+        kwargs = {"lora_dropout": LoRADropoutConfig(lora_dropout_p=P, lora_dropout_train_samples=2)}
+        if perturbed:
+            cls, kwargs = with_weight_perturbation(cls), {**kwargs, "weight_perturbation": WeightPerturbationConfig(
+                "sam", perturbation_rho=rho)}
+        torch.manual_seed(0)
+        trainer = cls(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(8), peft_config=lora(),
+                      **kwargs)
+        trainer.train()
+        return trainer
+
+    plain, zero, sam = trained(0.0, perturbed=False), trained(0.0), trained(0.5)
+    weights = [{n: p.detach() for n, p in t.model.named_parameters() if p.requires_grad} for t in (plain, zero, sam)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert largest_difference(weights[0], weights[2]) > 1e-4
+    logged = sam.state.log_history[0]
+    assert {"perturbation/loss", "perturbation/norm", "lora_dropout/kept_fraction"} <= set(logged)
+
+
+def test_ewc_and_the_kl_to_base_both_reach_the_gradient(lab_model_dir, tmp_path, switch):
+    cls = type("Forgetting", (AnchorMixin, KLToBaseMixin, SFTTrainer), {})
+    args = SFTConfig(str(tmp_path), **COMMON, optim="sgd", max_grad_norm=0.0, per_device_train_batch_size=4,
+                     max_length=64)
+    trainer = cls(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(8), peft_config=lora(),
+                  anchor=AnchorConfig("ewc", 1000.0, fisher_path=str(tmp_path / "fisher.safetensors")),
+                  fisher_dataset=facts_dataset("retain").select_columns(["prompt", "completion"]).select(range(4)),
+                  kl_to_base=KLToBaseConfig(1.0))
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    def step():
+        trainer.training_step(trainer.model, dict(batch))
+
+    both = gradients(trainer, step)
+    switch(trainer.anchor_config, "anchor_lambda", 1e-12)
+    without_anchor = gradients(trainer, step)
+    switch(trainer.kl_to_base, "kl_to_base_beta", 0.0)
+    neither = gradients(trainer, step)
+    assert largest_difference(both, without_anchor) > 1e-6  # random B: ΔW ≠ 0 from the start
+    assert largest_difference(without_anchor, neither) > 1e-6
+    trainer.anchor_config.anchor_lambda, trainer.kl_to_base.kl_to_base_beta = 1000.0, 1.0
+    trainer._metrics["train"].clear()
+    trainer.train()
+    assert {"anchor/distance", "anchor/penalty", "kl_to_base/kl"} <= set(trainer.state.log_history[0])
+
+
+def test_the_kl_to_base_composes_with_reweighting(lab_model_dir, tmp_path, switch):
+    args = ReweightConfig(str(tmp_path), **COMMON, per_device_train_batch_size=4, max_length=64, optim="sgd",
+                          max_grad_norm=0.0, reweight_strategy="linupper", reweight_r=0.4)
+    trainer = with_kl_to_base(ReweightTrainer)(str(lab_model_dir), args=args, train_dataset=corpus_dataset(8),
+                                               peft_config=lora(), kl_to_base=KLToBaseConfig(1.0))
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    def step():
+        trainer.training_step(trainer.model, dict(batch))
+
+    with_kl = gradients(trainer, step)
+    switch(trainer.kl_to_base, "kl_to_base_beta", 0.0)
+    without = gradients(trainer, step)
+    assert largest_difference(with_kl, without) > 1e-6
+    switch(trainer.kl_to_base, "kl_to_base_beta", 1.0)
+    trainer._metrics["train"].clear()
+    trainer.train()
+    assert {"kl_to_base/kl", "reweight/effective_sample_size"} <= set(trainer.state.log_history[0])

@@ -5,9 +5,10 @@ start."""
 
 import pytest
 import torch
+from helpers import pairs
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from llmreg.kl_to_base import KLToBaseConfig, with_kl_to_base
 from llmreg.lab import arithmetic_dataset
@@ -134,6 +135,10 @@ def test_full_fine_tuning_takes_the_gradient_against_a_frozen_copy_of_the_start(
         torch.testing.assert_close(with_kl[name] - plain[name], hand.float(), rtol=1e-3, atol=1e-6)
 
 
-def test_unknown_directions_are_refused():
+def test_unknown_directions_and_non_sft_trainers_are_refused(lab_model_dir, tmp_path):
     with pytest.raises(ValueError, match="valid: forward, reverse"):
         KLToBaseConfig(1.0, "both")
+    args = DPOConfig(str(tmp_path), **{k: v for k, v in COMMON.items() if k != "max_length"})
+    with pytest.raises(TypeError, match="not an SFTTrainer"):
+        with_kl_to_base(DPOTrainer)(str(lab_model_dir), args=args, train_dataset=pairs(4),
+                                    peft_config=lora(), kl_to_base=KLToBaseConfig(1.0))
