@@ -88,6 +88,8 @@ STEP_ARGS = {
     "gradient_norm_lora": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "gradient_norm",
                            "--gradient_norm_gamma", "0.05", "--gradient_norm_epsilon", "0.2", *LORA],
     "awp": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "awp", "--awp_gamma", "0.05"],
+    "asam_lora": [str(SCRIPTS / "perturbation_step.py"), "--weight_perturbation", "asam", "--perturbation_rho", "1",
+                  *LORA],
     # The anchor's gradient once per step (2 micro-batches); EWC's Fisher estimated over both processes' rows.
     "anchor_l2sp": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "l2sp", "--anchor_lambda", "20",
                     "--gradient_accumulation_steps", "2"],
@@ -106,7 +108,7 @@ STEP_BATCH = {"sft": 2, "rpg": 8}  # b; the others take 4 (and Booster's harmful
 REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_ftaas": "does not support FSDP",
                           "step_booster": "does not support FSDP", "step_booster_lora": "does not support FSDP",
                           **{f"step_{name}": "FSDP2 keeps them as sharded DTensors"
-                             for name in ("sam", "gradient_norm_lora", "awp")},
+                             for name in ("sam", "gradient_norm_lora", "awp", "asam_lora")},
                           "step_anchor_l2sp": "FSDP2 keeps parameters as sharded DTensors",
                           "step_anchor_ewc_lora": "FSDP2 keeps parameters as sharded DTensors"},
            # The anchor of full fine-tuning keeps θ₀ whole; EWC's Fisher needs whole weights (estimate it first).
