@@ -172,7 +172,8 @@ class WeightPerturbationMixin:
         self._perturbation_pending = None  # (the step's micro-batches, their token count), set by get_batch_samples
         self._losses_at_w: list[torch.Tensor] = []  # L(w) of each remaining micro-batch of the step
         self._saved_weights = None
-        self._perturbed: list[torch.nn.Parameter] = []  # the trainable parameters, found at each step's start
+        self._perturbed: list[torch.nn.Parameter] = []  # the trainable parameters, found at the first step
+        self._perturbed_names, self._perturbed_model = None, None
         self._perturbation_terms = None  # (scale, extras) of gradient_norm's combination
         self._in_perturbed_pass = False
         if config.enabled:
@@ -246,8 +247,11 @@ class WeightPerturbationMixin:
         config = self.weight_perturbation
         unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: this pass is not the step's backward
         unwrapped.train()
-        named = [(name, p) for name, p in unwrapped.named_parameters() if p.requires_grad]
-        params = self._perturbed = [p for _, p in named]
+        if self._perturbed_names is None or self._perturbed_model is not unwrapped:  # found once per model
+            named = [(name, p) for name, p in unwrapped.named_parameters() if p.requires_grad]
+            self._perturbed_model, self._perturbed_names = unwrapped, [name for name, _ in named]
+            self._perturbed = [p for _, p in named]
+        params = self._perturbed
         grads, self._losses_at_w = None, []
         with random_draws_replayed(self.accelerator):  # the step's own passes will draw what these draw
             for batch in batches:
@@ -257,7 +261,8 @@ class WeightPerturbationMixin:
                 self._losses_at_w.append(loss.detach())
         # Each process's loss is its share scaled so that DDP's average over processes is the step's gradient.
         processes = self.accelerator.num_processes
-        grads = [g / processes for g in sum_over_processes(self.accelerator, grads)]
+        if processes > 1:
+            grads = [g / processes for g in sum_over_processes(self.accelerator, grads)]
         grad_norm = float(global_norm(grads))
         rule = config.weight_perturbation
         moved = []
@@ -268,7 +273,7 @@ class WeightPerturbationMixin:
             elif rule == "gradient_norm":
                 moved.extend(normalized_step(grads, config.gradient_norm_epsilon))
             elif rule == "asam":  # T = |w| + η on weights, not biases, as the paper's code
-                scaled = [name.endswith("weight") for name, _ in named]
+                scaled = [name.endswith("weight") for name in self._perturbed_names]
                 moved.extend(adaptive_step(grads, whole, config.perturbation_rho, config.asam_eta, scaled))
             else:  # awp
                 moved.extend(layerwise_step(grads, whole, config.awp_gamma))

@@ -26,8 +26,12 @@ import torch
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, …, t_n)‖₂ over all entries of all tensors, in float64."""
-    return torch.sqrt(sum((t.detach().double().square().sum() for t in tensors), torch.zeros((), dtype=torch.float64)))
+    """‖(t_1, …, t_n)‖₂ over all entries of all tensors: each tensor's norm in its own precision (one fused kernel),
+    combined in float64."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm([t.detach() for t in tensors])
+    return torch.stack([n.double() for n in norms]).square().sum().sqrt()
 
 
 def normalized_step(grads: list[torch.Tensor], radius: float, eps: float = 1e-12) -> list[torch.Tensor]:
