@@ -176,6 +176,7 @@ class WeightPerturbationMixin:
         self._perturbed_names, self._perturbed_model = None, None
         self._perturbation_terms = None  # (scale, extras) of gradient_norm's combination
         self._in_perturbed_pass = False
+        self._perturbed_loss = 0.0  # the step's L(w + δ) so far
         if config.enabled:
             self._refuse_what_cannot_compose()
 
@@ -229,7 +230,11 @@ class WeightPerturbationMixin:
             self._in_perturbed_pass = False
             if last:
                 self._finish_step()
-        log_metric(self, "train", "perturbation/loss", self._mean_over_processes(perturbed_loss).item())
+        # Summed over the step's micro-batches and averaged over processes, as the Trainer makes the logged loss.
+        self._perturbed_loss = self._perturbed_loss + perturbed_loss.detach().float()
+        if last:
+            log_metric(self, "train", "perturbation/loss", self._mean_over_processes(self._perturbed_loss).item())
+            self._perturbed_loss = 0.0
         return self._losses_at_w.pop(0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -240,7 +245,6 @@ class WeightPerturbationMixin:
                                         num_items_in_batch=num_items_in_batch)
 
     def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().float()
         return value if self.accelerator.num_processes == 1 else self.accelerator.reduce(value, reduction="mean")
 
     def _start_step(self, model, batches: list[dict], num_items_in_batch) -> None:

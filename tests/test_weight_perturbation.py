@@ -116,7 +116,7 @@ def test_a_zero_radius_is_the_base_trainer_bit_for_bit(lab_model_dir, tmp_path, 
     WeightPerturbationConfig("awp", awp_gamma=0.05),
 ], ids=lambda c: c.weight_perturbation)
 def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, perturbation):
-    updates = []
+    updates, logged = [], []
     for batch, accumulation in ((8, 1), (1, 8)):
         args = config(tmp_path / str(batch), per_device_train_batch_size=batch,
                       gradient_accumulation_steps=accumulation)
@@ -124,9 +124,12 @@ def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_pat
         before = trainable(trainer)
         trainer.train()
         updates.append({name: p - before[name] for name, p in trainable(trainer).items()})
+        logged.append(trainer.state.log_history[0])
     assert max(u.abs().max() for u in updates[0].values()) > 1e-4
     for name in updates[0]:
         torch.testing.assert_close(updates[1][name], updates[0][name], rtol=1e-4, atol=1e-6)
+    for key in ("loss", "perturbation/loss", "perturbation/grad_norm", "perturbation/norm"):  # the step's, both ways
+        assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-4), key
 
 
 def test_the_perturbation_changes_the_update_and_the_weights_come_back(lab_model_dir, tmp_path):
