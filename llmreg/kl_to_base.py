@@ -20,6 +20,7 @@ Not yet: the base's top-k log-probabilities precomputed once (no copy in full fi
 """
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,11 @@ class KLToBaseMixin:
             raise TypeError(f"The KL to the base is taken at the answer tokens of SFT-style batches (their labels); "
                             f"{type(self).__name__} is not an SFTTrainer. DPO- and GRPO-style trainers have their "
                             "own KL to a reference (beta).")
+        # An FSDP launch on CPU runs as DDP, so the launch's request is what counts.
+        if self.is_fsdp_enabled or self.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError("The KL to the base applies the output embedding to the last hidden states after the "
+                             "model's forward, when FSDP2 has resharded it into DTensors. Use DeepSpeed ZeRO-3 "
+                             "(accelerate_configs/deepspeed_zero3.yaml) or DDP.")
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
             if is_zero3(self.accelerator):

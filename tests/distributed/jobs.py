@@ -110,7 +110,8 @@ REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_fta
                           **{f"step_{name}": "FSDP2 keeps them as sharded DTensors"
                              for name in ("sam", "gradient_norm_lora", "awp", "asam_lora")},
                           "step_anchor_l2sp": "FSDP2 keeps parameters as sharded DTensors",
-                          "step_anchor_ewc_lora": "FSDP2 keeps parameters as sharded DTensors"},
+                          "step_anchor_ewc_lora": "FSDP2 keeps parameters as sharded DTensors",
+                          "step_kl_to_base_lora": "resharded it into DTensors"},
            # The anchor of full fine-tuning keeps θ₀ whole; EWC's Fisher needs whole weights (estimate it first).
            **{config: {"step_anchor_l2sp": "which ZeRO-3 shards", "step_anchor_ewc_lora": "ZeRO-3 shards"}
               for config in ("deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml")}}
