@@ -40,7 +40,8 @@ PUBLIC_MODULES = {
 OTHER_PRIVATE = {
     "_actions": "argparse: a parser's actions (`llmreg run <method> --help`)",
     "_option_string_actions": "argparse: a parser's option strings (RecipeParser's did-you-mean hints)",
-    "_foreach_add_": "torch: the in-place add of the ℓ1 penalty's gradient to every .grad at once",
+    "_foreach_add_": "torch: the in-place add of the ℓ1 penalty's and the anchor's gradients to every .grad at once",
+    "_foreach_norm": "torch: every tensor's norm in one kernel (the weight perturbation's global norm)",
 }
 
 

@@ -112,7 +112,7 @@ def test_training_with_it_stays_closer_to_the_base(lab_model_dir, tmp_path):
 
 
 def test_full_fine_tuning_takes_the_gradient_against_a_frozen_copy_of_the_start(lab_model_dir, tmp_path):
-    trainer = KLSFTTrainer(str(lab_model_dir), args=config(tmp_path, max_steps=3, learning_rate=0.3),
+    trainer = KLSFTTrainer(str(lab_model_dir), args=config(tmp_path, max_steps=3, learning_rate=0.1),
                            train_dataset=arithmetic_dataset(24), kl_to_base=KLToBaseConfig(1.0, "reverse"))
     start = AutoModelForCausalLM.from_pretrained(lab_model_dir)
     trainer.train()  # three steps: the model moves, the copy must not
@@ -131,8 +131,9 @@ def test_full_fine_tuning_takes_the_gradient_against_a_frozen_copy_of_the_start(
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     expected = dict(zip(params, torch.autograd.grad(kl, list(params.values()))))
     assert kl.item() > 1e-3
-    for name, hand in expected.items():
-        torch.testing.assert_close(with_kl[name] - plain[name], hand.float(), rtol=1e-3, atol=1e-6)
+    for name, hand in expected.items():  # a difference of float32 gradients: exact up to their rounding
+        torch.testing.assert_close(with_kl[name] - plain[name], hand.float(), rtol=1e-3,
+                                   atol=1e-4 * hand.abs().max().item())
 
 
 def test_unknown_directions_and_non_sft_trainers_are_refused(lab_model_dir, tmp_path):
