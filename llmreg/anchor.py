@@ -13,11 +13,11 @@ split over the processes and summed; saved to ``fisher_path`` (safetensors, keye
 names, so a LoRA run and a full fine-tune share it) and loaded from there by a later run. With LoRA it is the Fisher of
 the adapted base weights W.
 
-The penalty's gradient is computed in closed form once per optimizer step (layers of one shape as one stack) and added
-after the last micro-batch's backward (under DeepSpeed, inside it, through hooks on the parameters; as the ℓ1
-penalty's), so gradient accumulation and data-parallel averaging
-leave it λ·F·Δ, under DDP and DeepSpeed ZeRO-2/3 (ZeRO-3 gathers the adapter to read it; full fine-tuning under
-ZeRO-3 is refused, as its θ₀ would be a full copy per process). The logged loss is the task's; ``anchor/distance``
+The penalty's gradient is computed in closed form once per optimizer step (layers of one shape as one stack) and joins
+the last micro-batch's gradient (``llmreg.trainer_utils.StepRegularizerMixin``, as the ℓ1 penalty's), so gradient
+accumulation and data-parallel averaging leave it λ·F·Δ, under DDP and DeepSpeed ZeRO-2/3 (ZeRO-3 gathers the adapter
+to read it; full fine-tuning under ZeRO-3 is refused, as its θ₀ would be a full copy per process). Under a weight
+perturbation it is λ·F·Δ at w, not at the moved weights. The logged loss is the task's; ``anchor/distance``
 (Σ F·Δ²) and ``anchor/penalty`` are logged apart. λ = 0 is the trainer itself.
 """
 
@@ -39,7 +39,7 @@ from llmreg._compat import log_metric
 from llmreg.losses.anchor import accumulate_fisher, anchor_gradients, anchor_penalty, lora_anchor_gradients
 from llmreg.scoring import token_logps
 from llmreg.stages import dataset_digest
-from llmreg.trainer_utils import gathered_parameters, gradients_added_in_backward, is_zero3, prepare_side_dataset
+from llmreg.trainer_utils import StepRegularizerMixin, is_zero3, prepare_side_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def fisher_metadata(trainer, dataset, num_samples: int) -> dict:
             "num_samples": str(min(num_samples, len(dataset)))}
 
 
-class AnchorMixin:
+class AnchorMixin(StepRegularizerMixin):
     """See the module docstring. Goes before the trainer class; ``anchor="none"`` or λ = 0 changes nothing."""
 
     def __init__(self, *args, anchor: AnchorConfig | None = None, fisher_dataset=None, **kwargs):
@@ -237,17 +237,17 @@ class AnchorMixin:
     def _anchor_terms(self) -> tuple[list[torch.Tensor], float, float]:
         """(the penalty's gradient per anchored parameter, Σ F·Δ², the penalty)."""
         lam = self.anchor_config.anchor_lambda
-        with gathered_parameters(self.accelerator, self._anchor_params), torch.no_grad():  # read-only under ZeRO-3
+        with self.parameters_at_w(self._anchor_params) as params:
             if self._anchor_layers is None:
-                deltas = [p - origin for p, origin in zip(self._anchor_params, self._anchor_origin)]
+                deltas = [p - origin for p, origin in zip(params, self._anchor_origin)]
                 extras = anchor_gradients(deltas, self._fisher, lam)
                 distance = (2 / lam) * anchor_penalty(deltas, self._fisher, lam).item()
             else:
                 extras, squares = [None] * len(self._anchor_params), []
                 for indices, scaling, fisher in self._anchor_groups:
                     # _anchor_params holds A then B of each layer: A of layer i at 2i, B at 2i + 1.
-                    lora_a = torch.stack([self._anchor_params[2 * i] for i in indices])
-                    lora_b = torch.stack([self._anchor_params[2 * i + 1] for i in indices])
+                    lora_a = torch.stack([params[2 * i] for i in indices])
+                    lora_b = torch.stack([params[2 * i + 1] for i in indices])
                     grad_a, grad_b, squared = lora_anchor_gradients(lora_a, lora_b, scaling, fisher, lam)
                     for i, a, b in zip(indices, grad_a.unbind(), grad_b.unbind()):
                         extras[2 * i], extras[2 * i + 1] = a, b
@@ -256,25 +256,14 @@ class AnchorMixin:
         return extras, distance, lam / 2 * distance
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # λ·F·Δ is added once per optimizer step, at its last micro-batch, identical on every process. Without
-        # DeepSpeed it goes straight into the synchronized .grad after that micro-batch's backward; DeepSpeed owns
-        # .grad, so there it joins the backward through hooks on the parameters, averaged with the loss's gradient.
+        # λ·F·Δ(w) is added once per optimizer step, at its last micro-batch, identical on every process.
         if not self.anchor_config.enabled or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
         extras, distance, penalty = self._anchor_terms()
         log_metric(self, "train", "anchor/distance", distance)
         log_metric(self, "train", "anchor/penalty", penalty)
-        if self.is_deepspeed_enabled:
-            with gradients_added_in_backward(self._anchor_params, extras, "The anchor's gradient"):
-                return super().training_step(model, inputs, num_items_in_batch)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if any(p.grad is None for p in self._anchor_params):
-            raise RuntimeError("The anchor's gradient could not be added: some trainable parameters got no gradient "
-                               "from the loss. Freeze those parameters (requires_grad=False).")
-        torch._foreach_add_([p.grad for p in self._anchor_params], [e.to(p.grad.dtype) for p, e in
-                                                                     zip(self._anchor_params, extras)])
-        return loss
-
+        return self.training_step_adding(model, inputs, num_items_in_batch, self._anchor_params, extras,
+                                         "The anchor's gradient")
 
 def with_anchor(trainer_class: type) -> type:
     """``trainer_class`` with an anchor: a subclass with ``AnchorMixin`` first."""

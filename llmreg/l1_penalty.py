@@ -5,10 +5,10 @@
 
 With LoRA the trainable parameters are the adapter's A and B, and the penalty is on their entries (CLEAR's "init"
 mode: a fresh adapter, so the penalty keeps it small). Without LoRA it is on θ − θ₀, the distance from the weights at
-the start of training (a copy of the trainable weights is kept). Its gradient λ1·sign(θ) is added once per optimizer
-step, after the last micro-batch's backward (under DeepSpeed, inside it, through parameter hooks), so gradient
-accumulation and data-parallel averaging leave it λ1·sign(θ), under DDP and DeepSpeed ZeRO-2/3 alike (ZeRO-3 gathers
-the adapter to read its signs). The logged training loss is the
+the start of training (a copy of the trainable weights is kept). Its gradient λ1·sign(θ) joins the last micro-batch's
+gradient once per optimizer step (``llmreg.trainer_utils.StepRegularizerMixin``), so gradient accumulation and
+data-parallel averaging leave it λ1·sign(θ), under DDP and DeepSpeed ZeRO-2/3 alike (ZeRO-3 gathers the adapter to
+read its signs); under a weight perturbation, the signs at w, not at the moved weights. The logged training loss is the
 task's; the penalty is logged apart: ``l1/norm`` (Σ|θ| or Σ|θ − θ₀|) and ``l1/penalty`` (λ1 times it).
 """
 
@@ -17,10 +17,10 @@ from peft import PeftModel
 
 from llmreg._compat import log_metric
 from llmreg.losses.unlearning import l1_penalty
-from llmreg.trainer_utils import gathered_parameters, gradients_added_in_backward, is_zero3
+from llmreg.trainer_utils import StepRegularizerMixin, is_zero3
 
 
-class L1PenaltyMixin:
+class L1PenaltyMixin(StepRegularizerMixin):
     """See the module docstring. Goes before the trainer class; ``l1_lambda`` = 0 changes nothing."""
 
     def __init__(self, *args, l1_lambda: float = 0.0, **kwargs):
@@ -39,30 +39,19 @@ class L1PenaltyMixin:
             self._l1_origin = [p.detach().clone() for p in self._l1_params]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # λ1·sign(θ) is added once per optimizer step, at its last micro-batch, identical on every process. Without
-        # DeepSpeed it goes straight into the synchronized .grad after that micro-batch's backward; DeepSpeed owns
-        # .grad, so there it joins the backward through the gradient hooks that carry Booster's gradient too.
+        # λ1·sign(θ) is added once per optimizer step, at its last micro-batch, identical on every process.
         if self.l1_lambda == 0 or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
-        with gathered_parameters(self.accelerator, self._l1_params), torch.no_grad():  # read-only under ZeRO-3
-            tensors = self._l1_params if self._l1_origin is None else [
-                p - origin for p, origin in zip(self._l1_params, self._l1_origin)]
+        with self.parameters_at_w(self._l1_params) as params:
+            tensors = params if self._l1_origin is None else [p - origin for p, origin in zip(params, self._l1_origin)]
             flat = torch.cat([t.reshape(-1) for t in tensors])
             norm = l1_penalty([flat], 1.0).item()
             extras = [chunk.view_as(t) for chunk, t in zip((self.l1_lambda * flat.sign()).split(
                 [t.numel() for t in tensors]), tensors)]
         log_metric(self, "train", "l1/norm", norm)
         log_metric(self, "train", "l1/penalty", self.l1_lambda * norm)
-        if self.is_deepspeed_enabled:
-            with gradients_added_in_backward(self._l1_params, extras, "The ℓ1 penalty's gradient"):
-                return super().training_step(model, inputs, num_items_in_batch)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if any(p.grad is None for p in self._l1_params):
-            raise RuntimeError("The ℓ1 penalty's gradient could not be added: some trainable parameters got no "
-                               "gradient from the loss. Freeze those parameters (requires_grad=False).")
-        torch._foreach_add_([p.grad for p in self._l1_params], extras)
-        return loss
-
+        return self.training_step_adding(model, inputs, num_items_in_batch, self._l1_params, extras,
+                                         "The ℓ1 penalty's gradient")
 
 def with_l1_penalty(trainer_class: type) -> type:
     """``trainer_class`` with the ℓ1 penalty: a subclass with ``L1PenaltyMixin`` first."""

@@ -261,6 +261,42 @@ def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[t
                            "(requires_grad=False).")
 
 
+class StepRegularizerMixin:
+    """Base of the mixins that add the gradient of a penalty on the weights, ∇R(w), once per optimizer step (the
+    anchor, the ℓ1 penalty). The gradient joins the loss's at the step's last micro-batch: straight into the
+    synchronized ``.grad`` after its backward, or under DeepSpeed, which owns ``.grad``, inside that backward through
+    hooks on the parameters, so that DDP or ZeRO averages it with the loss's. Either way gradient accumulation and
+    data parallelism leave it ∇R(w).
+
+    R is of w even when a weight perturbation (``llmreg.weight_perturbation``) runs the step's passes at w + δ. The
+    perturbation keeps w for the step in ``_weights_at_w``, and the penalty reads its parameters through
+    ``parameters_at_w``, as weight decay is of w under SAM."""
+
+    _weights_at_w: dict[int, torch.Tensor] | None = None  # id(parameter) → its value at w, while it is moved
+
+    @contextmanager
+    def parameters_at_w(self, params: list[torch.nn.Parameter]):
+        """The values of ``params`` at w, whole (gathered under ZeRO-3), to be read, not changed."""
+        if self._weights_at_w is not None:
+            yield [self._weights_at_w[id(p)] for p in params]
+            return
+        with gathered_parameters(self.accelerator, params), torch.no_grad():
+            yield params
+
+    def training_step_adding(self, model, inputs, num_items_in_batch, params: list[torch.nn.Parameter],
+                             extras: list[torch.Tensor], what: str):
+        """The trainer's own ``training_step``, with ``extras[i]`` added to the gradient of ``params[i]``."""
+        if self.is_deepspeed_enabled:
+            with gradients_added_in_backward(params, extras, what):
+                return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if any(p.grad is None for p in params):
+            raise RuntimeError(f"{what} could not be added: some trainable parameters got no gradient from the loss. "
+                               "Freeze those parameters (requires_grad=False).")
+        torch._foreach_add_([p.grad for p in params], [e.to(p.grad.dtype) for p, e in zip(params, extras)])
+        return loss
+
+
 def loss_token_mask(batch: dict) -> torch.Tensor:
     """The tokens that count in a causal LM's loss: the labels shifted by one, where not -100."""
     return batch["labels"][:, 1:] != -100

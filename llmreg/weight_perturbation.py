@@ -19,6 +19,10 @@ Each optimizer step takes its gradient at moved weights w + δ (the rules and th
    DeepSpeed the optimizer steps inside that backward, from its own fp32 copy of the weights, which the move did not
    touch: the update is of w, and the copy back is needed only when it skipped the step (fp16 overflow).
 
+Penalties on the weights that another mixin adds once per step (the anchor, the ℓ1 penalty:
+``llmreg.trainer_utils.StepRegularizerMixin``) are of w, not of w + δ, as weight decay is under SAM; the perturbation
+is of the loss alone. Those mixins go after this one in the bases (refused otherwise).
+
 A random training forward (dropout, LoRA Dropout's masks) draws the same in both passes of a micro-batch (the
 generators are rewound after step 1): the perturbation is of one sampled sub-network, as Booster's. Cost: one extra
 forward and backward per micro-batch, and the step-1 gradients and a copy of the trainable weights in memory.
@@ -43,7 +47,13 @@ from llmreg.losses.perturbation import (
     layerwise_step,
     normalized_step,
 )
-from llmreg.trainer_utils import PrefetchedStepMixin, gathered_parameters, gradients_added_in_backward, is_zero3
+from llmreg.trainer_utils import (
+    PrefetchedStepMixin,
+    StepRegularizerMixin,
+    gathered_parameters,
+    gradients_added_in_backward,
+    is_zero3,
+)
 
 
 # --- the engine: gradients without .grad, weights moved and restored (Booster's passes too) --------------------------
@@ -195,6 +205,15 @@ class WeightPerturbationMixin:
             raise TypeError(f"{name} computes each step's gradient at w first, over all its micro-batches; GRPO-style "
                             "trainers (RPG) generate their rollouts while preparing those micro-batches, so the "
                             "first pass would generate again. Use it with SFT-, DPO- or reward-style trainers.")
+        mro = type(self).__mro__
+        outside = [cls.__name__ for cls in mro[:mro.index(WeightPerturbationMixin)]
+                   if StepRegularizerMixin in cls.__bases__]
+        if outside:
+            # Their gradient is of w and joins the last micro-batch's; under gradient_norm, whose hooks scale that
+            # backward, it would be scaled too if their hooks ran first.
+            raise TypeError(f"{', '.join(outside)} must come after WeightPerturbationMixin in the class's bases, so "
+                            f"that {name} runs around their step: with_weight_perturbation(with_anchor(...)), not "
+                            "with_anchor(with_weight_perturbation(...)).")
         # Read by name: Booster's config lives above this module.
         if getattr(self.args, "booster_lambda", 0.0) > 0 or getattr(self.args, "vaccine_rho", 0.0) > 0:
             raise ValueError(f"Booster and Vaccine move the weights or hidden states within the step themselves; "
@@ -288,12 +307,14 @@ class WeightPerturbationMixin:
             a, b = gradient_norm_coefficients(grad_norm, config.gradient_norm_gamma, config.gradient_norm_epsilon)
             self._perturbation_terms = (b, [a * g for g in grads])
         self._saved_weights = move_parameters(self.accelerator, params, steps)
+        self._weights_at_w = {id(p): saved for p, saved in zip(params, self._saved_weights)}  # for the penalties
         log_metric(self, "train", "perturbation/grad_norm", grad_norm)
         log_metric(self, "train", "perturbation/norm", float(global_norm(moved)))
 
     def _finish_step(self) -> None:
         """w back before the optimizer steps (see the module docstring for DeepSpeed, which stepped already)."""
         saved, self._saved_weights, self._perturbation_terms = self._saved_weights, None, None
+        self._weights_at_w = None
         if saved is None:
             return
         if self.is_deepspeed_enabled and self.model_wrapped.was_step_applied():

@@ -1,5 +1,6 @@
 """Regularizers composed in one run: reweighted SFT + LoRA Dropout + ℓ1, RPG + LoRA Dropout, Booster + LoRA Dropout,
-SAM + LoRA Dropout, EWC + the KL to the base, reweighting + the KL to the base. For each combination and each
+SAM + LoRA Dropout, EWC + the KL to the base, reweighting + the KL to the base, SAM and gradient-norm regularization
+with the anchor and the ℓ1 penalty (whose gradients are of w, not of the moved weights). For each combination and each
 regularizer in it: its metric is in the log history of a training step, and its term is in the step's gradient — the
 gradient with it on differs from the gradient with it off, from the same weights, batch and seed (ℓ1: by exactly
 λ1·sign(θ); Booster: by exactly the λ·(∇h(w) − ∇h(w̃)) it computed). The combinations that cannot work are refused
@@ -11,7 +12,7 @@ from helpers import length_reward
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from llmreg.anchor import AnchorConfig, AnchorMixin
+from llmreg.anchor import AnchorConfig, AnchorMixin, with_anchor
 from llmreg.booster import BoosterConfig, BoosterTrainer
 from llmreg.kl_to_base import KLToBaseConfig, KLToBaseMixin, with_kl_to_base
 from llmreg.l1_penalty import with_l1_penalty
@@ -318,3 +319,59 @@ def test_the_kl_to_base_composes_with_reweighting(lab_model_dir, tmp_path, switc
     trainer._metrics["train"].clear()
     trainer.train()
     assert {"kl_to_base/kl", "reweight/effective_sample_size"} <= set(trainer.state.log_history[0])
+
+
+def adapter_weights(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("rule", ["sam", "gradient_norm"])
+@pytest.mark.parametrize("penalty", ["anchor", "l1"])
+def test_the_penalties_on_the_weights_are_of_w_under_a_weight_perturbation(lab_model_dir, tmp_path, rule, penalty):
+    # The perturbation moves the weights to w + δ for the step's passes; the anchor's and the ℓ1 penalty's gradients
+    # are of w all the same. One SGD step over 2 micro-batches, with and without the penalty, from the same weights:
+    # the difference of the updates is lr times the penalty's gradient at the starting weights, computed by hand.
+    lr, lam = 0.1, 0.5
+    perturbation = WeightPerturbationConfig(rule, perturbation_rho=0.5, gradient_norm_gamma=0.5)
+
+    def trained(strength):
+        args = SFTConfig(str(tmp_path / f"{penalty}-{strength}"), **{**COMMON, "learning_rate": lr}, optim="sgd",
+                         max_grad_norm=0.0, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                         max_length=64)
+        if penalty == "anchor":
+            cls, kwargs = with_anchor(SFTTrainer), {"anchor": AnchorConfig("l2sp", anchor_lambda=strength)}
+        else:
+            cls, kwargs = with_l1_penalty(SFTTrainer), {"l1_lambda": strength}
+        trainer = with_weight_perturbation(cls)(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(8),
+                                                peft_config=lora(), weight_perturbation=perturbation, **kwargs)
+        start = adapter_weights(trainer)
+        trainer.train()
+        return trainer, start, adapter_weights(trainer)
+
+    penalized, start, after = trained(lam)
+    _, plain_start, plain_after = trained(0.0)
+    assert all(torch.equal(start[name], plain_start[name]) for name in start)  # the same random adapter
+    if penalty == "l1":
+        expected = {name: lam * w.sign() for name, w in start.items()}
+        distance, key = sum(float(w.abs().sum()) for w in start.values()), "l1/norm"
+    else:  # (λ/2)·Σ‖s·B·A‖² at the starting adapter, differentiated by autograd
+        leaves = {name: w.clone().requires_grad_(True) for name, w in start.items()}
+        squares = 0.0
+        for name, module in penalized.model.named_modules():
+            if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and "default" in module.lora_A:
+                a, b = leaves[f"{name}.lora_A.default.weight"], leaves[f"{name}.lora_B.default.weight"]
+                squares = squares + (module.scaling["default"] * b @ a).square().sum()
+        expected = dict(zip(leaves, torch.autograd.grad(lam / 2 * squares, list(leaves.values()))))
+        distance, key = float(squares.detach()), "anchor/distance"
+    for name in expected:
+        torch.testing.assert_close((plain_after[name] - after[name]) / lr, expected[name], rtol=1e-3, atol=1e-5)
+    assert max(e.abs().max() for e in expected.values()) > 1e-3
+    assert penalized.state.log_history[0][key] == pytest.approx(distance, rel=1e-4)
+
+
+def test_a_penalty_outside_the_weight_perturbation_is_refused_with_the_order_to_use(lab_model_dir, tmp_path):
+    args = SFTConfig(str(tmp_path), **COMMON, per_device_train_batch_size=4, max_length=64)
+    with pytest.raises(TypeError, match=r"AnchorMixin must come after.*with_weight_perturbation\(with_anchor"):
+        with_anchor(with_weight_perturbation(SFTTrainer))(
+            str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(8), peft_config=lora(),
+            anchor=AnchorConfig("l2sp", anchor_lambda=1.0), weight_perturbation=WeightPerturbationConfig("sam"))

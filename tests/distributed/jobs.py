@@ -94,6 +94,10 @@ STEP_ARGS = {
     "anchor_l2sp": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "l2sp", "--anchor_lambda", "20",
                     "--gradient_accumulation_steps", "2"],
     "anchor_ewc_lora": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "ewc", "--anchor_lambda", "1000", *LORA],
+    # SAM around the anchor: the anchor's gradient is of w, read from the weights SAM saved (whole, under ZeRO-3).
+    "sam_anchor_lora": [str(SCRIPTS / "forgetting_step.py"), "--weight_perturbation", "sam", "--perturbation_rho",
+                        "0.5", "--anchor", "l2sp", "--anchor_lambda", "20", *LORA,
+                        "--gradient_accumulation_steps", "2"],
     # The KL's token mean over the step's tokens on both processes; the base is the adapter disabled.
     "kl_to_base_lora": [str(SCRIPTS / "forgetting_step.py"), "--kl_to_base_beta", "1", *LORA,
                         "--gradient_accumulation_steps", "2"],
@@ -111,6 +115,7 @@ REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_fta
                              for name in ("sam", "gradient_norm_lora", "awp", "asam_lora")},
                           "step_anchor_l2sp": "FSDP2 keeps parameters as sharded DTensors",
                           "step_anchor_ewc_lora": "FSDP2 keeps parameters as sharded DTensors",
+                          "step_sam_anchor_lora": "FSDP2 keeps parameters as sharded DTensors",
                           "step_kl_to_base_lora": "resharded it into DTensors"},
            # The anchor of full fine-tuning keeps θ₀ whole; EWC's Fisher needs whole weights (estimate it first).
            **{config: {"step_anchor_l2sp": "which ZeRO-3 shards", "step_anchor_ewc_lora": "ZeRO-3 shards"}
