@@ -8,12 +8,11 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from llmreg.anchor import AnchorConfig, with_anchor
 from llmreg.lab import arithmetic_dataset, facts_dataset
-from llmreg.trainer_utils import prepare_side_dataset
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,17 +111,22 @@ def test_the_fisher_is_the_mean_squared_log_likelihood_gradient_and_is_reused(la
     fisher = load_file(path)
     layers = trainer.model.config.num_hidden_layers
     assert set(fisher) == {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(layers) for m in "qv"}
-    # By hand: each row's answer log-likelihood = −(HF's mean CE) × its answer tokens, differentiated w.r.t. the base
-    # weights of a fresh copy of the model; the Fisher is the mean of the squares.
+    # By hand, apart from the trainer's tokenization and collator: each row rendered in the lab's ChatML by hand, the
+    # answer being every token after the prompt (its text, <|im_end|> and the newline, as TRL's completion mask), its
+    # log-likelihood from a fresh copy of the model's logits, differentiated w.r.t. the base weights; the Fisher is the
+    # mean of the squares.
     twin = AutoModelForCausalLM.from_pretrained(lab_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(lab_model_dir)
     weights = {name: p for name, p in twin.named_parameters() if name in fisher}
-    tokenized = prepare_side_dataset(trainer, old_behaviour(3), "check")
     hand = {name: torch.zeros_like(p) for name, p in weights.items()}
-    for row in tokenized:
-        batch = trainer.data_collator([row])
-        tokens = (batch["labels"][:, 1:] != -100).sum()
-        log_likelihood = -twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               labels=batch["labels"]).loss * tokens
+    for row in old_behaviour(3):
+        (question,), (answer,) = row["prompt"], row["completion"]
+        prompt = f"<|im_start|>user\n{question['content']}<|im_end|>\n<|im_start|>assistant\n"
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(f"{prompt}{answer['content']}<|im_end|>\n")["input_ids"]
+        assert ids[:len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids) + 3
+        logps = twin(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        log_likelihood = sum(logps[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids)))
         for name, grad in zip(weights, torch.autograd.grad(log_likelihood, list(weights.values()))):
             hand[name] += grad.square() / 3
     for name in fisher:
