@@ -6,11 +6,44 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from loss_audit import Example
+from peft import LoraConfig
+from trl import SFTConfig
 
 from llmreg.lab import arithmetic_dataset
 from llmreg.rspo import RSPOConfig
+
+
+# --- one SGD step of an SFT-style trainer on the lab model (the regularizer mixins' tests) ---------------------------
+
+SGD_STEP = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
+                logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
+                learning_rate=0.05, max_length=64)
+
+
+def sgd_config(tmp_path, **overrides) -> SFTConfig:
+    """Plain SGD at a constant rate, no clipping: an update is the learning rate times the step's gradient."""
+    return SFTConfig(**{"output_dir": str(tmp_path), "max_steps": 1, "per_device_train_batch_size": 8, **SGD_STEP,
+                        **overrides})
+
+
+def small_lora(random_b=True) -> LoraConfig:
+    # A random B (init_lora_weights=False) moves the model off the base at once, so ΔW ≠ 0 from the first step.
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      init_lora_weights=not random_b)
+
+
+def step_gradients(trainer, inputs=None) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients after one ``training_step`` from zero, on ``inputs`` (default: the first
+    training batch)."""
+    if inputs is None:
+        inputs = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.training_step(trainer.model, inputs)
+    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 # --- launching recipes -----------------------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig
+from helpers import sgd_config, small_lora, step_gradients
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from llmreg.anchor import AnchorConfig, with_anchor
 from llmreg.lab import arithmetic_dataset, facts_dataset
@@ -18,22 +18,6 @@ from llmreg.lab import arithmetic_dataset, facts_dataset
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 AnchoredSFTTrainer = with_anchor(SFTTrainer)
-COMMON = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-              logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-              learning_rate=0.05, max_length=64)
-
-
-def config(tmp_path, **overrides):
-    return SFTConfig(**{"output_dir": str(tmp_path), "max_steps": 1, "per_device_train_batch_size": 8, **COMMON,
-                        **overrides})
-
-
-def lora():
-    # init_lora_weights=False: B is random, so ΔW ≠ 0 from the first step and the anchor acts at once.
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      init_lora_weights=False)
-
-
 def old_behaviour(rows=6):
     return facts_dataset("retain").select_columns(["prompt", "completion"]).select(range(rows))
 
@@ -43,16 +27,8 @@ def trainer_for(lab_model_dir, args, anchor=None, **kwargs):
                               **kwargs)
 
 
-def step_gradients(trainer):
-    inputs = next(iter(trainer.get_train_dataloader()))
-    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.training_step(trainer.model, inputs)
-    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-
-
 def test_full_fine_tuning_adds_lambda_times_the_distance(lab_model_dir, tmp_path):
-    trainer = trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("l2sp", anchor_lambda=3.0))
+    trainer = trainer_for(lab_model_dir, sgd_config(tmp_path), AnchorConfig("l2sp", anchor_lambda=3.0))
     without = step_gradients(trainer)  # at θ₀: Δ = 0, nothing added
     generator = torch.Generator().manual_seed(1)
     moves = {}
@@ -72,8 +48,8 @@ def test_full_fine_tuning_adds_lambda_times_the_distance(lab_model_dir, tmp_path
 
 
 def test_lora_adds_the_gradient_of_the_penalty_on_delta_w(lab_model_dir, tmp_path):
-    trainer = trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("l2sp", anchor_lambda=2.0),
-                          peft_config=lora())
+    trainer = trainer_for(lab_model_dir, sgd_config(tmp_path), AnchorConfig("l2sp", anchor_lambda=2.0),
+                          peft_config=small_lora())
     # By hand: (λ/2)·Σ‖s·B·A‖² over the adapted layers, differentiated by autograd on copies of A and B.
     penalty, leaves = 0.0, {}
     for name, module in trainer.model.named_modules():
@@ -94,11 +70,11 @@ def test_lora_adds_the_gradient_of_the_penalty_on_delta_w(lab_model_dir, tmp_pat
 
 
 def test_lambda_zero_is_sft_bit_for_bit(lab_model_dir, tmp_path):
-    anchored = trainer_for(lab_model_dir, config(tmp_path / "a", max_steps=2), AnchorConfig("l2sp", 0.0),
-                           peft_config=lora())
+    anchored = trainer_for(lab_model_dir, sgd_config(tmp_path / "a", max_steps=2), AnchorConfig("l2sp", 0.0),
+                           peft_config=small_lora())
     anchored.train()
-    plain = SFTTrainer(str(lab_model_dir), args=config(tmp_path / "s", max_steps=2),
-                       train_dataset=arithmetic_dataset(8), peft_config=lora())
+    plain = SFTTrainer(str(lab_model_dir), args=sgd_config(tmp_path / "s", max_steps=2),
+                       train_dataset=arithmetic_dataset(8), peft_config=small_lora())
     plain.train()
     for (name, a), b in zip(anchored.model.named_parameters(), plain.model.parameters()):
         assert torch.equal(a, b), name
@@ -106,8 +82,8 @@ def test_lambda_zero_is_sft_bit_for_bit(lab_model_dir, tmp_path):
 
 def test_the_fisher_is_the_mean_squared_log_likelihood_gradient_and_is_reused(lab_model_dir, tmp_path):
     path = tmp_path / "fisher.safetensors"
-    trainer = trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
-                          peft_config=lora(), fisher_dataset=old_behaviour(3))
+    trainer = trainer_for(lab_model_dir, sgd_config(tmp_path), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
+                          peft_config=small_lora(), fisher_dataset=old_behaviour(3))
     fisher = load_file(path)
     layers = trainer.model.config.num_hidden_layers
     assert set(fisher) == {f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(layers) for m in "qv"}
@@ -133,22 +109,22 @@ def test_the_fisher_is_the_mean_squared_log_likelihood_gradient_and_is_reused(la
         torch.testing.assert_close(fisher[name], hand[name], rtol=1e-3, atol=1e-9)
     assert json.loads(path.with_suffix(".json").read_text())["num_samples"] == "3"
     # Reused: a later run loads it (no data needed); other data against the saved record is refused.
-    again = trainer_for(lab_model_dir, config(tmp_path / "again"), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
-                        peft_config=lora())
+    again = trainer_for(lab_model_dir, sgd_config(tmp_path / "again"), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
+                        peft_config=small_lora())
     assert torch.equal(again._fisher[0].cpu(), fisher["model.layers.0.self_attn.q_proj.weight"])
     with pytest.raises(ValueError, match="estimated on other data"):
-        trainer_for(lab_model_dir, config(tmp_path / "other"), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
-                    peft_config=lora(), fisher_dataset=old_behaviour(4))
+        trainer_for(lab_model_dir, sgd_config(tmp_path / "other"), AnchorConfig("ewc", 1.0, fisher_path=str(path)),
+                    peft_config=small_lora(), fisher_dataset=old_behaviour(4))
 
 
 @pytest.mark.parametrize("anchor", ["l2sp", "ewc"])
 def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, anchor):
     updates = []
     for batch, accumulation in ((8, 1), (1, 8)):
-        args = config(tmp_path / str(batch), per_device_train_batch_size=batch,
+        args = sgd_config(tmp_path / str(batch), per_device_train_batch_size=batch,
                       gradient_accumulation_steps=accumulation, max_steps=2)
         trainer = trainer_for(lab_model_dir, args, AnchorConfig(anchor, 50.0, fisher_path=str(tmp_path / "f")),
-                              peft_config=lora(), fisher_dataset=old_behaviour(3))
+                              peft_config=small_lora(), fisher_dataset=old_behaviour(3))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()
         updates.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad})
@@ -162,4 +138,4 @@ def test_bad_input_is_refused(lab_model_dir, tmp_path):
     with pytest.raises(ValueError, match="valid: none, l2sp, ewc"):
         AnchorConfig("sp")
     with pytest.raises(ValueError, match="pass fisher_dataset"):
-        trainer_for(lab_model_dir, config(tmp_path), AnchorConfig("ewc", 1.0))
+        trainer_for(lab_model_dir, sgd_config(tmp_path), AnchorConfig("ewc", 1.0))

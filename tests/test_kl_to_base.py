@@ -5,10 +5,9 @@ start."""
 
 import pytest
 import torch
-from helpers import pairs
-from peft import LoraConfig
+from helpers import SGD_STEP, pairs, sgd_config, small_lora, step_gradients
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, SFTTrainer
 
 from llmreg.kl_to_base import KLToBaseConfig, with_kl_to_base
 from llmreg.lab import arithmetic_dataset
@@ -17,33 +16,10 @@ from llmreg.lab import arithmetic_dataset
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KLSFTTrainer = with_kl_to_base(SFTTrainer)
-COMMON = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-              logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-              learning_rate=0.05, max_length=64)
-
-
-def config(tmp_path, **overrides):
-    return SFTConfig(**{"output_dir": str(tmp_path), "max_steps": 1, "per_device_train_batch_size": 8, **COMMON,
-                        **overrides})
-
-
-def lora(random_b=True):
-    # A random B moves the model off the base at once, so the KL and its gradient are not 0 at the first step.
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                      init_lora_weights=not random_b)
-
-
 def trainer_for(lab_model_dir, args, beta, direction="forward", cls=KLSFTTrainer, rows=8, random_b=True):
     kwargs = {"kl_to_base": KLToBaseConfig(beta, direction)} if cls is KLSFTTrainer else {}
-    return cls(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(rows), peft_config=lora(random_b),
+    return cls(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(rows), peft_config=small_lora(random_b),
                **kwargs)
-
-
-def gradients(trainer, inputs):
-    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.training_step(trainer.model, inputs)
-    return {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 def hand_kl(model, inputs, direction):
@@ -60,11 +36,11 @@ def hand_kl(model, inputs, direction):
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_the_added_gradient_is_beta_times_the_kl_gradient(lab_model_dir, tmp_path, direction):
-    trainer = trainer_for(lab_model_dir, config(tmp_path), 2.0, direction)
+    trainer = trainer_for(lab_model_dir, sgd_config(tmp_path), 2.0, direction)
     inputs = next(iter(trainer.get_train_dataloader()))
-    with_kl = gradients(trainer, inputs)
+    with_kl = step_gradients(trainer, inputs)
     trainer.kl_to_base.kl_to_base_beta = 1e-12
-    plain = gradients(trainer, inputs)
+    plain = step_gradients(trainer, inputs)
     params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
     kl = hand_kl(trainer.model, inputs, direction)
     expected = dict(zip(params, torch.autograd.grad(kl, list(params.values()))))
@@ -76,8 +52,8 @@ def test_the_added_gradient_is_beta_times_the_kl_gradient(lab_model_dir, tmp_pat
 
 
 def test_beta_zero_is_sft_bit_for_bit(lab_model_dir, tmp_path):
-    runs = [trainer_for(lab_model_dir, config(tmp_path / "k", max_steps=2), 0.0),
-            trainer_for(lab_model_dir, config(tmp_path / "s", max_steps=2), 0.0, cls=SFTTrainer)]
+    runs = [trainer_for(lab_model_dir, sgd_config(tmp_path / "k", max_steps=2), 0.0),
+            trainer_for(lab_model_dir, sgd_config(tmp_path / "s", max_steps=2), 0.0, cls=SFTTrainer)]
     for trainer in runs:
         trainer.train()
     for (name, a), b in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
@@ -87,7 +63,7 @@ def test_beta_zero_is_sft_bit_for_bit(lab_model_dir, tmp_path):
 def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path):
     updates = []
     for batch, accumulation in ((8, 1), (1, 8)):
-        args = config(tmp_path / str(batch), per_device_train_batch_size=batch,
+        args = sgd_config(tmp_path / str(batch), per_device_train_batch_size=batch,
                       gradient_accumulation_steps=accumulation)
         trainer = trainer_for(lab_model_dir, args, 5.0)
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -103,7 +79,7 @@ def test_training_with_it_stays_closer_to_the_base(lab_model_dir, tmp_path):
     args = dict(max_steps=20, learning_rate=0.3, per_device_train_batch_size=8)
     kls = {}
     for beta in (0.0, 1.0):  # (β = 5 with plain SGD at this rate diverges)
-        trainer = trainer_for(lab_model_dir, config(tmp_path / str(beta), **args), beta, rows=64, random_b=False)
+        trainer = trainer_for(lab_model_dir, sgd_config(tmp_path / str(beta), **args), beta, rows=64, random_b=False)
         trainer.train()
         inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         with torch.no_grad():
@@ -112,16 +88,16 @@ def test_training_with_it_stays_closer_to_the_base(lab_model_dir, tmp_path):
 
 
 def test_full_fine_tuning_takes_the_gradient_against_a_frozen_copy_of_the_start(lab_model_dir, tmp_path):
-    trainer = KLSFTTrainer(str(lab_model_dir), args=config(tmp_path, max_steps=3, learning_rate=0.1),
+    trainer = KLSFTTrainer(str(lab_model_dir), args=sgd_config(tmp_path, max_steps=3, learning_rate=0.1),
                            train_dataset=arithmetic_dataset(24), kl_to_base=KLToBaseConfig(1.0, "reverse"))
     start = AutoModelForCausalLM.from_pretrained(lab_model_dir)
     trainer.train()  # three steps: the model moves, the copy must not
     for (name, frozen), original in zip(trainer._frozen_base.named_parameters(), start.parameters()):
         assert torch.equal(frozen, original) and not frozen.requires_grad, name
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    with_kl = gradients(trainer, inputs)
+    with_kl = step_gradients(trainer, inputs)
     trainer.kl_to_base.kl_to_base_beta = 1e-12
-    plain = gradients(trainer, inputs)
+    plain = step_gradients(trainer, inputs)
     mask = inputs["labels"][:, 1:] != -100
     policy = trainer.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
@@ -139,7 +115,7 @@ def test_full_fine_tuning_takes_the_gradient_against_a_frozen_copy_of_the_start(
 def test_unknown_directions_and_non_sft_trainers_are_refused(lab_model_dir, tmp_path):
     with pytest.raises(ValueError, match="valid: forward, reverse"):
         KLToBaseConfig(1.0, "both")
-    args = DPOConfig(str(tmp_path), **{k: v for k, v in COMMON.items() if k != "max_length"})
+    args = DPOConfig(str(tmp_path), **{k: v for k, v in SGD_STEP.items() if k != "max_length"})
     with pytest.raises(TypeError, match="not an SFTTrainer"):
         with_kl_to_base(DPOTrainer)(str(lab_model_dir), args=args, train_dataset=pairs(4),
-                                    peft_config=lora(), kl_to_base=KLToBaseConfig(1.0))
+                                    peft_config=small_lora(), kl_to_base=KLToBaseConfig(1.0))

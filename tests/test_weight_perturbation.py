@@ -5,6 +5,7 @@ before the optimizer steps, and what cannot compose is refused."""
 
 import pytest
 import torch
+from helpers import SGD_STEP
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
@@ -18,9 +19,7 @@ from llmreg.weight_perturbation import WeightPerturbationConfig, WeightPerturbat
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PerturbedSFTTrainer = with_weight_perturbation(SFTTrainer)
-COMMON = dict(use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
-              logging_steps=1, seed=0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-              learning_rate=0.5, max_length=64)
+COMMON = {**SGD_STEP, "learning_rate": 0.5}
 
 
 def data(rows=8):
