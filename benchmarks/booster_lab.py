@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llmreg.report import format_mean_se, mean_se
+
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = [0.0, 0.1, 0.2]
@@ -108,12 +110,6 @@ def run(setting: str, variant: str, seed: int, output_dir: Path, extra: tuple[st
         with open(log, "w") as out:
             subprocess.run(command, cwd=REPO, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
     return run_dir
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return mean, se
 
 
 def read_run(run_dir: Path) -> dict:
@@ -223,8 +219,7 @@ def linearization_table(by_setting: dict[str, list[dict]]) -> str:
 
 
 def cell(values: list[float], digits: int = 1) -> str:
-    mean, se = mean_se(values)
-    return f"{mean:.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{mean:.{digits}f}"
+    return format_mean_se(values, digits)
 
 
 def results_table(setting: str, runs: dict[str, list[dict]]) -> str:

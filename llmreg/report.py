@@ -137,6 +137,20 @@ def format_number(value: float) -> str:
     return f"{value:.4g}"
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean over seeds (sample standard deviation / √n; nan for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def format_mean_se(values: list[float], digits: int = 3) -> str:
+    """``mean ± se`` of values over seeds (the mean alone for one value)."""
+    mean, se = mean_se(values)
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
 def plot_curves(series: dict[str, dict[str, list[tuple[int, float]]]], directory: Path, title: str = "") -> list[Path]:
     """One PNG per metric: ``series[metric][label]`` is a line of (step, value) points. Returns the files."""
     import matplotlib

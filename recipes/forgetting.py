@@ -37,6 +37,7 @@ from llmreg.kl_to_base import KLToBaseConfig, KLToBaseMixin
 from llmreg.lab import arithmetic_accuracy, facts_accuracy, facts_dataset, generate_completions
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.replay import mix_replay
+from llmreg.report import format_mean_se, mean_se
 from llmreg.stages import Stage, dataset_digest, last_complete_checkpoint, training_settings
 from llmreg.trainer_utils import (
     check_assistant_only_loss,
@@ -117,16 +118,8 @@ def scored_stage(directory: Path, settings: dict, overwrite: bool, build) -> dic
     return json.loads((stage.path / "eval.json").read_text())
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-
 def fmt(values: list[float]) -> str:
-    mean, se = mean_se(values)
-    return f"{mean:.1f}" if math.isnan(se) else f"{mean:.1f} ± {se:.1f}"
+    return format_mean_se(values, digits=1)
 
 
 def results_table(base: dict, results: dict[str, list[dict]]) -> str:

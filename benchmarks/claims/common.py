@@ -10,14 +10,14 @@ continues where it stopped. ``--scale cpu`` (the default) is sized to finish wit
 
 import argparse
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from llmreg.report import format_mean_se as fmt  # noqa: F401  (the claims import it from here)
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,19 +90,6 @@ def run_arms(runs: list[dict], jobs: int) -> None:
                 raise SystemExit(f"[claims] {run['name']} failed (exit {process.returncode}); end of {run['log']}:\n"
                                  f"{tail}")
             print(f"[claims] {run['name']}: finished in {time.time() - started:.0f} s", flush=True)
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample standard deviation / √n; nan for one value)."""
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return mean, se
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    """``mean ± se`` of values over seeds."""
-    mean, se = mean_se(values)
-    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def machine() -> str:
