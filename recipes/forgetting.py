@@ -4,17 +4,21 @@ replay, against plain SFT; the arithmetic it gains against the facts it keeps. O
 
     accelerate launch recipes/forgetting.py
     accelerate launch recipes/forgetting.py --arms sft ewc:30 replay:0.2 --seeds 0 1 2
-    accelerate launch recipes/forgetting.py --model_name_or_path llmreg/smollm2-135m --use_peft --learning_rate 2e-4
+    accelerate launch recipes/forgetting.py --config recipes/configs/forgetting_smollm2.yaml
 
 Each arm is ``name`` or ``name:strength``: ``sft``; ``l2sp:λ`` and ``ewc:λ`` (the anchor toward the starting weights,
 llmreg/anchor.py); ``kl_to_base:β`` (llmreg/kl_to_base.py); ``replay:share`` (that share of the training rows are old
 ones, llmreg/replay.py). The old behaviour is ``--old_dataset_name``/``--old_dataset_split`` (the lab's facts, retain
 split): EWC's Fisher is estimated on it (once, saved under output_dir and shared by the seeds) and replay mixes it in.
+The held-out facts, which the model knows and no arm trains on, are ``--heldout_dataset_name``/
+``--heldout_dataset_split`` (the lab's facts, forget split). A real model does not know the lab's invented facts:
+recipes/configs/forgetting_smollm2.yaml takes real capitals instead (llmreg/world-facts, its old and heldout halves).
+
 Each arm and seed is a stage (``<name>=<strength>/seed<s>/``: reused by a rerun with the same settings, refused with
 others); the starting model is scored once (``base/``). Scores: arithmetic accuracy on held-out questions, and the
-accuracy on the old facts (what replay and EWC saw) and on held-out facts the model also knew but no arm trains on
-(the facts' forget split). Results: ``forgetting_results.{md,json}`` (mean ± standard error over seeds, and each arm's
-difference from SFT paired by seed) and ``forgetting_pareto.png`` (arithmetic gain against fact retention).
+accuracy on the old facts and on the held-out facts. Results: ``forgetting_results.{md,json}`` (mean ± standard error
+over seeds, and each arm's difference from SFT paired by seed) and ``forgetting_pareto.png`` (arithmetic gain against
+fact retention).
 """
 
 import llmreg  # noqa: F401  (first: it quiets a bitsandbytes warning that importing TRL triggers)
@@ -34,7 +38,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, get_peft_co
 from llmreg.anchor import AnchorConfig, AnchorMixin
 from llmreg.errors import InputError
 from llmreg.kl_to_base import KLToBaseConfig, KLToBaseMixin
-from llmreg.lab import arithmetic_accuracy, facts_accuracy, facts_dataset, generate_completions
+from llmreg.lab import arithmetic_accuracy, facts_accuracy, generate_completions
 from llmreg.recipe_utils import load_recipe_dataset, make_recipe_parser, model_init_kwargs, run_recipe
 from llmreg.replay import mix_replay
 from llmreg.report import format_mean_se, mean_se
@@ -66,6 +70,10 @@ class ForgettingArguments(ScriptArguments):
     )
     old_dataset_name: str = field(default="llmreg/facts", metadata={"help": "The old behaviour's data."})
     old_dataset_split: str = field(default="retain", metadata={"help": "Its split."})
+    heldout_dataset_name: str = field(
+        default="llmreg/facts", metadata={"help": "Facts the model knows that no arm trains on (scored only)."}
+    )
+    heldout_dataset_split: str = field(default="forget", metadata={"help": "Its split."})
     fisher_num_samples: int = field(default=256, metadata={"help": "EWC: old rows the Fisher is estimated on."})
     num_eval_samples: int = field(default=200, metadata={"help": "Held-out arithmetic questions scored."})
     overwrite: bool = field(
@@ -176,11 +184,14 @@ def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args:
     train = load_recipe_dataset(script_args, script_args.dataset_train_split, model_name_or_path=model)
     old_args = replace(script_args, dataset_name=script_args.old_dataset_name)
     old = load_recipe_dataset(old_args, script_args.old_dataset_split, model_name_or_path=model)
-    heldout = facts_dataset("forget")
-    missing = [column for column in ("prompt", "completion", "value") if column not in old.column_names]
-    if missing:
-        raise InputError(f"The old-behaviour data lacks {missing}: it needs prompt, completion and the fact's value "
-                         "(the lab's facts, llmreg/facts, have them).")
+    heldout_args = replace(script_args, dataset_name=script_args.heldout_dataset_name)
+    heldout = load_recipe_dataset(heldout_args, script_args.heldout_dataset_split, model_name_or_path=model)
+    for what, rows, needed in (("old-behaviour", old, ("prompt", "completion", "value")),
+                               ("held-out", heldout, ("prompt", "value"))):
+        missing = [column for column in needed if column not in rows.column_names]
+        if missing:
+            raise InputError(f"The {what} data lacks {missing}: it needs {', '.join(needed)} (the fact's value; the "
+                             "lab's facts, llmreg/facts and llmreg/world-facts, have them).")
     init_kwargs = model_init_kwargs(model_args, training_args)
     peft_config = get_peft_config(model_args)
     output_dir = Path(training_args.output_dir)

@@ -64,3 +64,20 @@ def test_without_seeds_a_run_trains_its_own_seed_as_llmreg_ablate_runs_it(lab_mo
     result = forgetting.main(*parse_recipe_args(forgetting.make_parser(), args))
     stage = json.loads((tmp_path / "out" / "sft" / "llmreg_stage.json").read_text())  # <arm>/, no seed level
     assert stage["settings"]["training"]["seed"] == 3 and len(result["arms"]["sft"]) == 1
+
+
+def test_the_held_out_facts_are_an_option_and_must_name_their_facts(lab_model_dir, tmp_path):
+    # A real model knows real capitals, not the lab's facts: the old and held-out sets are world facts' halves.
+    from llmreg.lab.facts import world_facts_dataset
+    from llmreg.stages import dataset_digest
+
+    world = ["--old_dataset_name", "llmreg/world-facts", "--old_dataset_split", "old",
+             "--heldout_dataset_name", "llmreg/world-facts", "--heldout_dataset_split", "heldout"]
+    run(lab_model_dir, tmp_path / "world", "--arms", "sft", "--max_steps", "2", *world)
+    settings = json.loads((tmp_path / "world" / "sft" / "seed0" / "llmreg_stage.json").read_text())["settings"]
+    assert settings["data"]["heldout"] == dataset_digest(world_facts_dataset("heldout"))
+    assert settings["data"]["old"] == dataset_digest(world_facts_dataset("old"))
+    with pytest.raises(InputError, match=r"held-out data lacks \['value'\]"):
+        run(lab_model_dir, tmp_path / "bad", "--arms", "sft", "--heldout_dataset_name", "llmreg/arithmetic",
+            "--heldout_dataset_split", "test")
+    assert not (tmp_path / "bad" / "base").exists()

@@ -184,5 +184,9 @@ def test_world_facts_are_real_facts_in_the_facts_columns():
                                                     world["perturbed_answers"], world["value"]):
         assert fact_is_correct(answer, value) and fact_is_correct(paraphrase, value)
         assert len(perturbed) == 3 and not any(fact_is_correct(wrong, value) for wrong in perturbed)
-    with pytest.raises(ValueError, match="only split is 'all'"):
+    # The forgetting recipe's halves: disjoint, together all of them, the same whatever the seed.
+    old, heldout = world_facts_dataset("old"), world_facts_dataset("heldout", seed=3)
+    assert len(old) == len(heldout) == len(WORLD_CAPITALS) // 2 and not set(old["entity"]) & set(heldout["entity"])
+    assert set(old["entity"]) == set(world_facts_dataset("old", seed=5)["entity"])
+    with pytest.raises(ValueError, match="valid: all, old, heldout"):
         world_facts_dataset("forget")

@@ -10,7 +10,7 @@ from llmreg.lab.safety import safety_alignment_dataset, safety_harmful_dataset, 
 
 
 # Each builder takes (split, seed) and raises on a split it does not have: train/test, or forget/retain/all for facts
-# (all only for world facts).
+# (all, old, heldout for world facts).
 LAB_DATASETS = {
     "llmreg/arithmetic": arithmetic_dataset,
     "llmreg/safety-alignment": safety_alignment_dataset,

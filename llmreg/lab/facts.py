@@ -121,13 +121,18 @@ WORLD_CAPITALS = {
 }
 
 
+WORLD_SPLITS = ("all", "old", "heldout")
+
+
 def world_facts_dataset(split: str = "all", seed: int = 0, num_perturbed: int = 3) -> Dataset:
     """Real-world facts (capitals) in ``facts_dataset``'s columns, for a pretrained model's model utility.
 
-    ``split`` must be "all" (they are never forgotten); ``seed`` orders the rows and picks the perturbed answers.
+    ``split``: "all" (unlearning never forgets them), or "old" / "heldout", two fixed halves (alternate countries in
+    alphabetical order, whatever the seed): the forgetting recipe's old facts, which replay mixes in and EWC's Fisher
+    is estimated on, and the held-out ones no arm trains on. ``seed`` orders the rows and picks the perturbed answers.
     """
-    if split != "all":
-        raise ValueError(f"Unknown world facts split {split!r}; the only split is 'all'.")
+    if split not in WORLD_SPLITS:
+        raise ValueError(f"Unknown world facts split {split!r}; valid: {', '.join(WORLD_SPLITS)}.")
     rng = random.Random(f"world-facts-{seed}")
     countries = list(WORLD_CAPITALS)
     rng.shuffle(countries)
@@ -148,7 +153,11 @@ def world_facts_dataset(split: str = "all", seed: int = 0, num_perturbed: int = 
         rows["paraphrased_answer"].append(f"{capital} is the capital city of {country}.")
         rows["perturbed_answers"].append([f"{other} is the capital city of {country}." for other in wrong])
         rows["split"].append("world")
-    return Dataset.from_dict(rows)
+    world = Dataset.from_dict(rows)
+    if split == "all":
+        return world
+    half = set(sorted(WORLD_CAPITALS)[WORLD_SPLITS.index(split) - 1::2])
+    return world.filter(lambda row: row["entity"] in half)
 
 
 def fact_is_correct(text: str, value: str) -> bool:
