@@ -275,6 +275,12 @@ def make_kl_to_base_case():
     return make_lora_case(with_kl_to_base(SFTTrainer), kl_to_base=KLToBaseConfig(0.5))
 
 
+def make_kl_to_base_top_k_case():
+    """KL to the base (β = 0.5) against its top-32 log-probabilities, precomputed when the trainer is built (not
+    timed), on LoRA against plain LoRA: no extra forward, the logits rebuilt from the last hidden state."""
+    return make_lora_case(with_kl_to_base(SFTTrainer), kl_to_base=KLToBaseConfig(0.5, kl_to_base_top_k=32))
+
+
 def make_reweight_case(baseline: str = "sft"):
     """ReweightTrainer (LinUpper, r = 1, no warmup) against SFTTrainer on the lab arithmetic task, or, with
     ``baseline="uniform"``, against ReweightTrainer with uniform weights (SFT's loss computed the same way), which
@@ -322,7 +328,7 @@ CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "sp
          "reweight": make_reweight_case, "reweight_vs_uniform": make_reweight_vs_uniform_case,
          "reweight_step_scope": make_reweight_step_scope_case, "sam": make_sam_case,
          "gradient_norm": make_gradient_norm_case, "l2sp": make_l2sp_case, "ewc": make_ewc_case,
-         "kl_to_base": make_kl_to_base_case}
+         "kl_to_base": make_kl_to_base_case, "kl_to_base_top_k": make_kl_to_base_top_k_case}
 
 COLUMNS = [
     "case", "candidate", "baseline", "steps", "median ms cand", "median ms base", "time ratio",

@@ -101,6 +101,8 @@ CHECKED = [
     Checked("trl.trainer.base_trainer._BaseTrainer", "_paper", None,
             "RSPO and SPIN set their own: the title, id and citation create_model_card writes", TRL),
     # --- TRL: GRPOTrainer (RPGTrainer) -------------------------------------------------------------------------------
+    Checked("trl.GRPOTrainer", "_set_signature_columns_if_needed", "(self)",
+            "KLToBaseMixin overrides it (super()); it refuses GRPO-style trainers before any dataloader", TRL),
     Checked("trl.GRPOTrainer", "_compute_loss", "(self, model, inputs)",
             "RPGTrainer replaces it; reads inputs' prompt_ids/mask, completion_ids/mask, tool_mask, advantages, "
             "old_per_token_logps, ref_per_token_logps, num_items_in_batch", TRL),
@@ -149,7 +151,8 @@ CHECKED = [
             "datasets.arrow_dataset.Dataset | datasets.iterable_dataset.IterableDataset",
             "prepare_side_dataset tokenizes side sets with it; it reads self.completion_only_loss, set per set", TRL),
     Checked("trl.SFTTrainer", "_set_signature_columns_if_needed", "(self)",
-            "UnlearnTrainer overrides it (super()) to keep the forget_row column (add_signature_columns)", TRL),
+            "UnlearnTrainer and KLToBaseMixin override it (super()) to keep their columns (add_signature_columns)",
+            TRL),
     Checked("trl.SFTTrainer", "_metrics", None,
             "{mode: {name: [values]}}; Booster, Reweight, Unlearn, ℓ1 and LoRA Dropout append theirs", TRL),
     # --- transformers ------------------------------------------------------------------------------------------------
@@ -167,6 +170,8 @@ CHECKED = [
             "num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor",
             "training_loss mirrors how it scales compute_loss's loss (n_gpu mean, ÷ accumulation unless "
             "loss_is_scaled_for_ga) before accelerator.backward, and returns that loss", TRANSFORMERS),
+    Checked("transformers.Trainer", "_set_signature_columns_if_needed", "(self) -> None",
+            "KLToBaseMixin overrides it (super()) to keep the precomputed base top-k columns", TRANSFORMERS),
     Checked("transformers.Trainer", "_signature_columns", None,
             "the columns the dataloaders keep, a list set by _set_signature_columns_if_needed", TRANSFORMERS),
     Checked("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref", None,

@@ -122,7 +122,7 @@ def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_pat
     updates = []
     for batch, accumulation in ((8, 1), (1, 8)):
         args = sgd_config(tmp_path / str(batch), per_device_train_batch_size=batch,
-                      gradient_accumulation_steps=accumulation, max_steps=2)
+                          gradient_accumulation_steps=accumulation, max_steps=2)
         trainer = trainer_for(lab_model_dir, args, AnchorConfig(anchor, 50.0, fisher_path=str(tmp_path / "f")),
                               peft_config=small_lora(), fisher_dataset=old_behaviour(3))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -64,7 +64,7 @@ def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_pat
     updates = []
     for batch, accumulation in ((8, 1), (1, 8)):
         args = sgd_config(tmp_path / str(batch), per_device_train_batch_size=batch,
-                      gradient_accumulation_steps=accumulation)
+                          gradient_accumulation_steps=accumulation)
         trainer = trainer_for(lab_model_dir, args, 5.0)
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()
@@ -119,3 +119,64 @@ def test_unknown_directions_and_non_sft_trainers_are_refused(lab_model_dir, tmp_
     with pytest.raises(TypeError, match="not an SFTTrainer"):
         with_kl_to_base(DPOTrainer)(str(lab_model_dir), args=args, train_dataset=pairs(4),
                                     peft_config=small_lora(), kl_to_base=KLToBaseConfig(1.0))
+
+
+# --- the base's top-k precomputed (kl_to_base_top_k) -----------------------------------------------------------------
+
+def test_the_precomputed_top_k_is_the_bases_at_each_answer_token(lab_model_dir, tmp_path):
+    k = 5
+    trainer = KLSFTTrainer(str(lab_model_dir), args=sgd_config(tmp_path), train_dataset=arithmetic_dataset(6),
+                           kl_to_base=KLToBaseConfig(1.0, kl_to_base_top_k=k))
+    assert trainer._frozen_base is None  # no copy of the model
+    start = AutoModelForCausalLM.from_pretrained(lab_model_dir)
+    for row in trainer.train_dataset:
+        labels = torch.tensor(row["labels"])
+        with torch.no_grad():
+            logps = start(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1].log_softmax(-1)
+        answer = logps[labels[1:] != -100]
+        values, ids = answer.topk(k, dim=-1)
+        assert len(row["base_top_k_ids"]) == (labels[1:] != -100).sum() > 0
+        assert torch.equal(torch.tensor(row["base_top_k_ids"]), ids)
+        torch.testing.assert_close(torch.tensor(row["base_top_k_logps"]), values, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_over_the_whole_vocabulary_trains_as_the_exact_kl_against_a_frozen_copy(lab_model_dir, tmp_path):
+    # Full fine-tuning, three steps: the precomputed base (k = the vocabulary) and the frozen copy give one update.
+    vocab = AutoModelForCausalLM.from_pretrained(lab_model_dir).config.vocab_size
+    runs = []
+    for k in (vocab, 0):
+        trainer = KLSFTTrainer(str(lab_model_dir), args=sgd_config(tmp_path / str(k), max_steps=3, learning_rate=0.1),
+                               train_dataset=arithmetic_dataset(24), kl_to_base=KLToBaseConfig(1.0, "reverse", k))
+        trainer.train()
+        runs.append(trainer)
+    start = AutoModelForCausalLM.from_pretrained(lab_model_dir)
+    moved = max((p - s).abs().max().item() for p, s in zip(runs[1].model.parameters(), start.parameters()))
+    assert moved > 1e-3
+    for (name, a), b in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * moved, msg=name)
+    logged = [[entry["kl_to_base/kl"] for entry in run.state.log_history if "kl_to_base/kl" in entry] for run in runs]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-3)
+
+
+def test_a_few_tokens_give_a_smaller_kl_and_accumulation_does_not_change_the_update(lab_model_dir, tmp_path):
+    updates, kls = [], []
+    for batch, accumulation, k in ((8, 1, 3), (1, 8, 3), (8, 1, 0)):
+        args = sgd_config(tmp_path / f"{batch}-{k}", per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accumulation)
+        trainer = KLSFTTrainer(str(lab_model_dir), args=args, train_dataset=arithmetic_dataset(8),
+                               peft_config=small_lora(), kl_to_base=KLToBaseConfig(5.0, kl_to_base_top_k=k))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+        updates.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters() if p.requires_grad})
+        kls.append(trainer.state.log_history[0]["kl_to_base/kl"])
+    for name in updates[0]:
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=1e-4, atol=1e-7)
+    assert 0 < kls[0] < kls[2]  # coarse-graining loses KL (both 8 rows in one micro-batch)
+
+
+def test_top_k_refuses_packing_and_negative_k(lab_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="kl_to_base_top_k must be >= 0"):
+        KLToBaseConfig(1.0, kl_to_base_top_k=-1)
+    with pytest.raises(ValueError, match="packing joins rows"):
+        KLSFTTrainer(str(lab_model_dir), args=sgd_config(tmp_path, packing=True), train_dataset=arithmetic_dataset(8),
+                     kl_to_base=KLToBaseConfig(1.0, kl_to_base_top_k=4))

@@ -10,7 +10,9 @@ For samples x ~ p and the log-ratio r = log p(x) − log q(x), unbiased or low-v
 importance-weighted values of it (RPG paper, App. D).
 
 ``vocab_kl`` is the exact KL between two next-token distributions given as logits, summed over the vocabulary and
-averaged over the masked tokens: for a model and a teacher or base model scored on the same tokens.
+averaged over the masked tokens: for a model and a teacher or base model scored on the same tokens. ``top_k_kl`` is
+the same KL with the base given by its k most likely tokens' log-probabilities (precomputed once): both distributions
+coarse-grained to those k tokens and one bucket for the rest of the vocabulary.
 """
 
 import torch
@@ -43,5 +45,29 @@ def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor,
     """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary (normalized by
     ``num_items`` when given)."""
     log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return aggregate(per_token, mask, "token-mean", num_items)
+
+
+def with_rest(log_probs: torch.Tensor) -> torch.Tensor:
+    """k log-probabilities extended by the log-probability of everything else, log(1 − Σ p): a distribution over
+    k + 1 outcomes. The rest's mass is floored at 1e-30 (float32 rounding can leave it at or just below 0)."""
+    rest = (1 - log_probs.exp().sum(-1, keepdim=True)).clamp(min=1e-30).log()
+    return torch.cat([log_probs, rest], dim=-1)
+
+
+def top_k_kl(logits: torch.Tensor, base_ids: torch.Tensor, base_logps: torch.Tensor, mask: torch.Tensor,
+             direction: str = "forward", num_items: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Token mean over ``mask`` of the KL between the base's next-token distribution and the model's (``logits``),
+    both coarse-grained to the base's k most likely tokens (``base_ids``, with log-probabilities ``base_logps``) and
+    one outcome for the rest of the vocabulary (normalized by ``num_items`` when given).
+
+    ``forward``: KL(base‖model) = Σ_{j ≤ k+1} p_j·(log p_j − log q_j); ``reverse``: KL(model‖base). Coarse-graining
+    loses information, so each is at most the exact KL over the vocabulary (``vocab_kl``), and equal to it when the k
+    tokens are the whole vocabulary (up to float32 rounding in the rest's mass). This is the exact KL of the
+    partition {top-k tokens, rest}; the rest's internal distribution is what a precomputed top-k cannot know."""
+    model = with_rest(logits.float().log_softmax(-1).gather(-1, base_ids))
+    base = with_rest(base_logps.float())
+    log_p, log_q = (base, model) if direction == "forward" else (model, base)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
     return aggregate(per_token, mask, "token-mean", num_items)

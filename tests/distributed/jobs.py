@@ -101,6 +101,9 @@ STEP_ARGS = {
     # The KL's token mean over the step's tokens on both processes; the base is the adapter disabled.
     "kl_to_base_lora": [str(SCRIPTS / "forgetting_step.py"), "--kl_to_base_beta", "1", *LORA,
                         "--gradient_accumulation_steps", "2"],
+    # Full fine-tuning against the base's top-k, precomputed over both processes' rows and gathered: no copy.
+    "kl_to_base_top_k": [str(SCRIPTS / "forgetting_step.py"), "--kl_to_base_beta", "1", "--kl_to_base_top_k", "8",
+                         "--gradient_accumulation_steps", "2"],
     "rpg": [str(SCRIPTS / "rpg_step.py")],
     "rspo": [str(SCRIPTS / "rspo_step.py")],
     "spin": [str(SCRIPTS / "spin_step.py")],
@@ -116,9 +119,11 @@ REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_fta
                           "step_anchor_l2sp": "FSDP2 keeps parameters as sharded DTensors",
                           "step_anchor_ewc_lora": "FSDP2 keeps parameters as sharded DTensors",
                           "step_sam_anchor_lora": "FSDP2 keeps parameters as sharded DTensors",
-                          "step_kl_to_base_lora": "resharded it into DTensors"},
+                          "step_kl_to_base_lora": "resharded it into DTensors",
+                          "step_kl_to_base_top_k": "resharded it into DTensors"},
            # The anchor of full fine-tuning keeps θ₀ whole; EWC's Fisher needs whole weights (estimate it first).
-           **{config: {"step_anchor_l2sp": "which ZeRO-3 shards", "step_anchor_ewc_lora": "ZeRO-3 shards"}
+           **{config: {"step_anchor_l2sp": "which ZeRO-3 shards", "step_anchor_ewc_lora": "ZeRO-3 shards",
+                       "step_kl_to_base_top_k": "ZeRO-3 has sharded it"}
               for config in ("deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml")}}
 
 
