@@ -13,8 +13,9 @@ LoRA (no second model in memory), and a frozen copy of the starting model in ful
 reference; not under ZeRO-3, which shards it): one more forward of the decoder per micro-batch, without gradients.
 Both distributions are computed at the answer tokens only, from the last hidden states there and the output
 embedding (SFTTrainer's fused head computes only the label tokens' log-probabilities; a hook keeps the model's hidden
-states). Logged: ``kl_to_base/kl`` (the token mean over the step's tokens on every
-process).
+states). Logged: ``kl_to_base/kl``, each micro-batch's token mean over its tokens on every process, averaged over
+the logging interval's micro-batches as the Trainer averages its metrics (so with gradient accumulation it is not the
+step's token mean; the loss is).
 
 With ``kl_to_base_top_k`` = k > 0 the base is not run during training: its k most likely tokens and their
 log-probabilities at every answer token are precomputed once, over the training (and evaluation) rows as the collator
