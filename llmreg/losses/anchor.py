@@ -53,10 +53,13 @@ def lora_anchor_gradients(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: f
         gram_a, gram_b = lora_a @ lora_a.mT, lora_b.mT @ lora_b
         squared = scaling ** 2 * (gram_b * gram_a).sum()  # tr(G_B·G_A), both symmetric
         return lam * scaling ** 2 * gram_b @ lora_a, lam * scaling ** 2 * lora_b @ gram_a, squared
-    delta = lora_delta(lora_a, lora_b, scaling)
-    weighted = fisher.to(delta.dtype) * delta
-    squared = (weighted * delta).sum()
-    return lam * scaling * lora_b.mT @ weighted, lam * scaling * weighted @ lora_a.mT, squared
+    # One (out, in) tensor is formed: ΔW, turned into F ⊙ ΔW in place (the scalings go on the small factors). Besides
+    # the three products of r·in·out each, the cost is a few passes over in·out memory, F's included. Σ F·ΔW² comes
+    # from a product already made: Σ (F ⊙ ΔW) ⊙ (s·B·A) = s·⟨B, (F ⊙ ΔW)·Aᵀ⟩.
+    weighted = (lora_b @ (scaling * lora_a)).mul_(fisher.to(lora_a.dtype))
+    weighted_a = weighted @ lora_a.mT
+    squared = scaling * (lora_b * weighted_a).sum()
+    return (lam * scaling * lora_b.mT) @ weighted, lam * scaling * weighted_a, squared
 
 
 def accumulate_fisher(fisher: list[torch.Tensor] | None, example_grads: list[torch.Tensor],
