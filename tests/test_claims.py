@@ -24,11 +24,13 @@ def claims_script(name: str):
 
 
 def test_mean_and_standard_error_by_hand():
-    mean, se = common.mean_se([1.0, 2.0, 6.0])
+    from llmreg.report import mean_se
+
+    mean, se = mean_se([1.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)
     assert se == pytest.approx(math.sqrt(7.0) / math.sqrt(3.0))  # sample variance (4 + 1 + 9) / 2 = 7
-    assert common.fmt([1.0, 2.0, 6.0], 2) == "3.00 ± 1.53"
-    assert math.isnan(common.mean_se([5.0])[1]) and common.fmt([5.0], 1) == "5.0"  # one seed: no error bar
+    assert common.fmt([1.0, 2.0, 6.0], 2) == "3.00 ± 1.53"  # the claims' fmt is llmreg.report.format_mean_se
+    assert math.isnan(mean_se([5.0])[1]) and common.fmt([5.0], 1) == "5.0"  # one seed: no error bar
 
 
 def test_run_arms_skips_finished_runs_runs_the_rest_and_stops_on_a_failure(tmp_path):
