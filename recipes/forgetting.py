@@ -75,6 +75,10 @@ class ForgettingArguments(ScriptArguments):
     )
     heldout_dataset_split: str = field(default="forget", metadata={"help": "Its split."})
     fisher_num_samples: int = field(default=256, metadata={"help": "EWC: old rows the Fisher is estimated on."})
+    kl_to_base_top_k: int = field(
+        default=0, metadata={"help": "kl_to_base: 0, the exact KL against the base run each step (a frozen copy in "
+                                     "full fine-tuning); k > 0, against the base's top-k precomputed once (no copy)."}
+    )
     num_eval_samples: int = field(default=200, metadata={"help": "Held-out arithmetic questions scored."})
     overwrite: bool = field(
         default=False,
@@ -217,7 +221,8 @@ def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args:
             anchor = AnchorConfig(name, strength, fisher_path=str(output_dir / "fisher.safetensors"),
                                   fisher_num_samples=script_args.fisher_num_samples) \
                 if name in ("l2sp", "ewc") else AnchorConfig()
-            kl_to_base = KLToBaseConfig(strength if name == "kl_to_base" else 0.0)
+            kl_to_base = KLToBaseConfig(strength, kl_to_base_top_k=script_args.kl_to_base_top_k) \
+                if name == "kl_to_base" else KLToBaseConfig()
             settings = {"stage": "forgetting", **shared, "arm": arm_spec, "anchor": asdict(anchor),
                         "kl_to_base": asdict(kl_to_base), "data": {**shared["data"], "train": dataset_digest(data)},
                         "training": training_settings(args)}

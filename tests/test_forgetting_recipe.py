@@ -73,10 +73,14 @@ def test_the_held_out_facts_are_an_option_and_must_name_their_facts(lab_model_di
 
     world = ["--old_dataset_name", "llmreg/world-facts", "--old_dataset_split", "old",
              "--heldout_dataset_name", "llmreg/world-facts", "--heldout_dataset_split", "heldout"]
-    run(lab_model_dir, tmp_path / "world", "--arms", "sft", "--max_steps", "2", *world)
-    settings = json.loads((tmp_path / "world" / "sft" / "seed0" / "llmreg_stage.json").read_text())["settings"]
+    run(lab_model_dir, tmp_path / "world", "--arms", "kl_to_base:1", "--kl_to_base_top_k", "8", "--max_steps", "2",
+        *world)
+    arm = tmp_path / "world" / "kl_to_base=1" / "seed0"
+    settings = json.loads((arm / "llmreg_stage.json").read_text())["settings"]
     assert settings["data"]["heldout"] == dataset_digest(world_facts_dataset("heldout"))
     assert settings["data"]["old"] == dataset_digest(world_facts_dataset("old"))
+    assert settings["kl_to_base"]["kl_to_base_top_k"] == 8  # the KL against the base's precomputed top 8
+    assert "kl_to_base/kl" in json.loads((arm / "train" / "trainer_state.json").read_text())["log_history"][0]
     with pytest.raises(InputError, match=r"held-out data lacks \['value'\]"):
         run(lab_model_dir, tmp_path / "bad", "--arms", "sft", "--heldout_dataset_name", "llmreg/arithmetic",
             "--heldout_dataset_split", "test")
