@@ -54,6 +54,24 @@ def test_lora_gradients_are_those_of_the_penalty_on_delta_w(weighted):
     assert anchor_penalty([lora_delta(lora_a, lora_b, 2.5)], [fisher], 0.7).item() == pytest.approx(penalty.item())
 
 
+@pytest.mark.parametrize("chunk_elements", [1, 5, 20, 40, 2 ** 22],
+                         ids=["a-row", "rows", "a-layer", "layers", "whole"])
+def test_a_stack_of_layers_in_chunks_gives_each_layers_gradients(chunk_elements):
+    # 3 layers of (out, in) = (4, 5): chunks of 1 and 5 elements split each layer into rows, 20 is one layer, 40 is
+    # two (the last chunk one), 2²² all three at once. Each must be autograd's gradient of the summed penalty.
+    generator = torch.Generator().manual_seed(1)
+    lora_a = torch.randn(3, 2, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(3, 4, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+    fisher = torch.rand(3, 4, 5, generator=generator, dtype=torch.float64)
+    penalty = 0.3 / 2 * (fisher * (1.5 * lora_b @ lora_a) ** 2).sum()
+    expected_a, expected_b = torch.autograd.grad(penalty, (lora_a, lora_b))
+    grad_a, grad_b, squared = lora_anchor_gradients(lora_a, lora_b, 1.5, fisher, lam=0.3,
+                                                    chunk_elements=chunk_elements)
+    torch.testing.assert_close(grad_a, expected_a)
+    torch.testing.assert_close(grad_b, expected_b)
+    assert 0.3 / 2 * squared.item() == pytest.approx(penalty.item())
+
+
 def test_the_fisher_of_a_categorical_is_its_closed_form():
     # log p(y) = z_y − logsumexp(z): ∂/∂z = e_y − p. With p = (0.5, 0.3, 0.2) and data y = 0, 0, 2:
     # F = mean (e_y − p)² = ((0.25·3)/3, (0.09·3)/3, (0.04 + 0.04 + 0.64)/3) = (0.25, 0.09, 0.24).

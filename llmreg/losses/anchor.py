@@ -39,8 +39,14 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> to
     return scaling * (lora_b @ lora_a)
 
 
+# EWC's F ⊙ ΔW is made a chunk of at most this many elements at a time (16 MiB in float32): whole, it is as large as
+# the adapted weights (hundreds of MiB for a 135M model), and each step would allocate and page it in again.
+FISHER_CHUNK_ELEMENTS = 2 ** 22
+
+
 def lora_anchor_gradients(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fisher: torch.Tensor | None,
-                          lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          lam: float, chunk_elements: int = FISHER_CHUNK_ELEMENTS,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂/∂A, ∂/∂B, Σ F·ΔW²) of (λ/2)·Σ F·(s·B·A)²: with P = λ·F ⊙ ΔW, ∂/∂A = s·Bᵀ·P and ∂/∂B = s·P·Aᵀ.
 
     Without F (L2-SP) ΔW is never formed: with the r × r Gram matrices G_A = A·Aᵀ and G_B = Bᵀ·B, ‖ΔW‖² =
@@ -53,13 +59,30 @@ def lora_anchor_gradients(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: f
         gram_a, gram_b = lora_a @ lora_a.mT, lora_b.mT @ lora_b
         squared = scaling ** 2 * (gram_b * gram_a).sum()  # tr(G_B·G_A), both symmetric
         return lam * scaling ** 2 * gram_b @ lora_a, lam * scaling ** 2 * lora_b @ gram_a, squared
-    # One (out, in) tensor is formed: ΔW, turned into F ⊙ ΔW in place (the scalings go on the small factors). Besides
-    # the three products of r·in·out each, the cost is a few passes over in·out memory, F's included. Σ F·ΔW² comes
-    # from a product already made: Σ (F ⊙ ΔW) ⊙ (s·B·A) = s·⟨B, (F ⊙ ΔW)·Aᵀ⟩.
-    weighted = (lora_b @ (scaling * lora_a)).mul_(fisher.to(lora_a.dtype))
-    weighted_a = weighted @ lora_a.mT
-    squared = scaling * (lora_b * weighted_a).sum()
-    return (lam * scaling * lora_b.mT) @ weighted, lam * scaling * weighted_a, squared
+    if lora_a.dim() == 2:
+        grad_a, grad_b, squared = lora_anchor_gradients(lora_a[None], lora_b[None], scaling, fisher[None], lam,
+                                                        chunk_elements)
+        return grad_a[0], grad_b[0], squared
+    # F ⊙ ΔW is dense, (L, out, in): it is made a chunk at a time, whole layers of the stack or, for a layer larger
+    # than a chunk, rows of it. For each chunk, three products of r·(its elements) and one pass over its F. The
+    # scalings go on the small factors; Σ F·ΔW² comes from a product already made:
+    # Σ (F ⊙ ΔW) ⊙ (s·B·A) = s·⟨B, (F ⊙ ΔW)·Aᵀ⟩.
+    num_layers, num_rows, num_columns = fisher.shape
+    layers_per_chunk = max(1, chunk_elements // (num_rows * num_columns))
+    rows_per_chunk = num_rows if layers_per_chunk > 1 else max(1, chunk_elements // num_columns)
+    grad_a, grad_b = torch.zeros_like(lora_a), torch.empty_like(lora_b)
+    squared = lora_a.new_zeros(())
+    for first in range(0, num_layers, layers_per_chunk):
+        layers = slice(first, first + layers_per_chunk)
+        for start in range(0, num_rows, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            b_rows = lora_b[layers, rows]
+            weighted = (b_rows @ (scaling * lora_a[layers])).mul_(fisher[layers, rows].to(lora_a.dtype))
+            weighted_a = weighted @ lora_a[layers].mT
+            squared += (b_rows * weighted_a).sum()
+            grad_b[layers, rows] = weighted_a
+            grad_a[layers] += b_rows.mT @ weighted
+    return grad_a.mul_(lam * scaling), grad_b.mul_(lam * scaling), scaling * squared
 
 
 def accumulate_fisher(fisher: list[torch.Tensor] | None, example_grads: list[torch.Tensor],
