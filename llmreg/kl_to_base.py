@@ -166,9 +166,7 @@ class KLToBaseMixin:
             if len(top_k[0]) != len(logits):
                 raise RuntimeError(f"The batch has {len(logits)} answer tokens but precomputed base top-k for "
                                    f"{len(top_k[0])}: its rows were changed after the precompute.")
-
-            def kl_of(num_items=None):
-                return top_k_kl(logits, *top_k, every, direction, num_items)
+            kl = top_k_kl(logits, *top_k, every, direction)
         else:
             model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
             reference_model = self._frozen_base if self._frozen_base is not None else base
@@ -177,14 +175,16 @@ class KLToBaseMixin:
                 base_hidden = reference_model.get_decoder()(**model_inputs, use_cache=False)[0]
                 base_logits = reference_model.get_output_embeddings()(base_hidden[:, :-1][mask])
             pair = (base_logits, logits) if direction == "forward" else (logits, base_logits)
-
-            def kl_of(num_items=None):
-                return vocab_kl(*pair, every, num_items)
-        # As SFT's loss: over the step's answer tokens on every process, times the process count (DDP averages).
-        kl = kl_of(num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            kl = kl * self.accelerator.num_processes
-        self._log_kl(kl_of().detach(), every.sum())
+            kl = vocab_kl(*pair, every)
+        # kl is the mean over this micro-batch's answer tokens, the logged value. The loss takes it as SFT's loss is
+        # taken: the sum over these tokens over the step's answer tokens on every process, times the process count
+        # (DDP averages), from the same tensor rather than a second pass over the vocabulary.
+        tokens = every.sum()
+        self._log_kl(kl.detach(), tokens)
+        if num_items_in_batch is not None:
+            kl = kl * tokens / torch.as_tensor(num_items_in_batch, dtype=kl.dtype, device=kl.device).clamp(min=1)
+            if self.args.average_tokens_across_devices:
+                kl = kl * self.accelerator.num_processes
         if return_outputs:
             loss, outputs = result
             return loss + beta * kl, outputs
