@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from trl import SFTTrainer
 
 from llmreg._compat import add_signature_columns, independent_copy, log_metric
-from llmreg.losses.kl import top_k_kl, vocab_kl
+from llmreg.losses.aggregation import aggregate
+from llmreg.losses.kl import top_k_kl_per_token, vocab_kl_per_token
 from llmreg.trainer_utils import is_zero3, loss_token_mask
 
 
@@ -166,7 +167,7 @@ class KLToBaseMixin:
             if len(top_k[0]) != len(logits):
                 raise RuntimeError(f"The batch has {len(logits)} answer tokens but precomputed base top-k for "
                                    f"{len(top_k[0])}: its rows were changed after the precompute.")
-            kl = top_k_kl(logits, *top_k, every, direction)
+            per_token = top_k_kl_per_token(logits, *top_k, direction)
         else:
             model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
             reference_model = self._frozen_base if self._frozen_base is not None else base
@@ -175,23 +176,20 @@ class KLToBaseMixin:
                 base_hidden = reference_model.get_decoder()(**model_inputs, use_cache=False)[0]
                 base_logits = reference_model.get_output_embeddings()(base_hidden[:, :-1][mask])
             pair = (base_logits, logits) if direction == "forward" else (logits, base_logits)
-            kl = vocab_kl(*pair, every)
-        # kl is the mean over this micro-batch's answer tokens, the logged value. The loss takes it as SFT's loss is
-        # taken: the sum over these tokens over the step's answer tokens on every process, times the process count
-        # (DDP averages), from the same tensor rather than a second pass over the vocabulary.
-        tokens = every.sum()
-        self._log_kl(kl.detach(), tokens)
-        if num_items_in_batch is not None:
-            kl = kl * tokens / torch.as_tensor(num_items_in_batch, dtype=kl.dtype, device=kl.device).clamp(min=1)
-            if self.args.average_tokens_across_devices:
-                kl = kl * self.accelerator.num_processes
+            per_token = vocab_kl_per_token(*pair)
+        # As SFT's loss: over the step's answer tokens on every process, times the process count (DDP averages). The
+        # per-token KL is made once, for the loss and the log.
+        kl = aggregate(per_token, every, "token-mean", num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            kl = kl * self.accelerator.num_processes
+        self._log_kl(per_token.detach().sum(), len(per_token))
         if return_outputs:
             loss, outputs = result
             return loss + beta * kl, outputs
         return result + beta * kl
 
-    def _log_kl(self, mean: torch.Tensor, tokens: torch.Tensor) -> None:
-        totals = torch.stack([mean.float() * tokens, tokens.float()])
+    def _log_kl(self, total: torch.Tensor, tokens: int) -> None:
+        totals = torch.stack([total.float(), torch.tensor(float(tokens), device=total.device)])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         mode = "train" if self.model.training else "eval"

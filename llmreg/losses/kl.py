@@ -40,13 +40,16 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "
     raise ValueError(f"Unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}.")
 
 
+def vocab_kl_per_token(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)) at each token, exact over the vocabulary."""
+    log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def vocab_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor,
              num_items: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Token mean over ``mask`` of KL(p‖q) = Σ_v p(v)·(log p(v) − log q(v)), exact over the vocabulary (normalized by
-    ``num_items`` when given)."""
-    log_p, log_q = logits_p.float().log_softmax(-1), logits_q.float().log_softmax(-1)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return aggregate(per_token, mask, "token-mean", num_items)
+    """Token mean over ``mask`` of ``vocab_kl_per_token`` (normalized by ``num_items`` when given)."""
+    return aggregate(vocab_kl_per_token(logits_p, logits_q), mask, "token-mean", num_items)
 
 
 def with_rest(log_probs: torch.Tensor) -> torch.Tensor:
@@ -56,18 +59,23 @@ def with_rest(log_probs: torch.Tensor) -> torch.Tensor:
     return torch.cat([log_probs, rest], dim=-1)
 
 
-def top_k_kl(logits: torch.Tensor, base_ids: torch.Tensor, base_logps: torch.Tensor, mask: torch.Tensor,
-             direction: str = "forward", num_items: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Token mean over ``mask`` of the KL between the base's next-token distribution and the model's (``logits``),
-    both coarse-grained to the base's k most likely tokens (``base_ids``, with log-probabilities ``base_logps``) and
-    one outcome for the rest of the vocabulary (normalized by ``num_items`` when given).
+def top_k_kl_per_token(logits: torch.Tensor, base_ids: torch.Tensor, base_logps: torch.Tensor,
+                       direction: str = "forward") -> torch.Tensor:
+    """The KL between the base's next-token distribution and the model's (``logits``) at each token, both
+    coarse-grained to the base's k most likely tokens (``base_ids``, with log-probabilities ``base_logps``) and one
+    outcome for the rest of the vocabulary.
 
     ``forward``: KL(base‖model) = Σ_{j ≤ k+1} p_j·(log p_j − log q_j); ``reverse``: KL(model‖base). Coarse-graining
-    loses information, so each is at most the exact KL over the vocabulary (``vocab_kl``), and equal to it when the k
-    tokens are the whole vocabulary (up to float32 rounding in the rest's mass). This is the exact KL of the
-    partition {top-k tokens, rest}; the rest's internal distribution is what a precomputed top-k cannot know."""
+    loses information, so each is at most the exact KL over the vocabulary (``vocab_kl_per_token``), and equal to it
+    when the k tokens are the whole vocabulary (up to float32 rounding in the rest's mass). This is the exact KL of
+    the partition {top-k tokens, rest}; the rest's internal distribution is what a precomputed top-k cannot know."""
     model = with_rest(logits.float().log_softmax(-1).gather(-1, base_ids))
     base = with_rest(base_logps.float())
     log_p, log_q = (base, model) if direction == "forward" else (model, base)
-    per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return aggregate(per_token, mask, "token-mean", num_items)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def top_k_kl(logits: torch.Tensor, base_ids: torch.Tensor, base_logps: torch.Tensor, mask: torch.Tensor,
+             direction: str = "forward", num_items: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Token mean over ``mask`` of ``top_k_kl_per_token`` (normalized by ``num_items`` when given)."""
+    return aggregate(top_k_kl_per_token(logits, base_ids, base_logps, direction), mask, "token-mean", num_items)
