@@ -19,6 +19,16 @@ accumulation and data-parallel averaging leave it λ·F·Δ, under DDP and DeepS
 to read it; full fine-tuning under ZeRO-3 is refused, as its θ₀ would be a full copy per process). Under a weight
 perturbation it is λ·F·Δ at w, not at the moved weights. The logged loss is the task's; ``anchor/distance``
 (Σ F·Δ²) and ``anchor/penalty`` are logged apart. λ = 0 is the trainer itself.
+
+Coupled that way, the anchor's gradient goes through the optimizer with the loss's: Adam divides each coordinate by
+its own scale, so a larger λ does not pull harder (each weight still moves about η a step), and gradient clipping
+scales the task's gradient down with the anchor's. ``anchor_decoupled`` applies it after each optimizer step instead,
+as AdamW applies weight decay, with the step's learning rate η: in full fine-tuning the penalty's proximal step
+θ ← θ₀ + (θ − θ₀)/(1 + η·λ·F) (exact, stable at any λ); with LoRA the same step on ΔW, made by B by least squares
+(for L2-SP exactly; ``llmreg.losses.anchor``). It runs once per optimizer step, identically on every process, so
+gradient accumulation and data parallelism leave it as it is. DeepSpeed steps its own copy of the weights inside the
+backward pass, where a step after it cannot reach: there the decoupled anchor is refused. ``anchor/distance`` is then
+Σ F·Δ² after the optimizer's step, before the anchor's.
 """
 
 import contextlib
@@ -33,10 +43,17 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from llmreg._compat import log_metric
-from llmreg.losses.anchor import accumulate_fisher, anchor_gradients, anchor_penalty, lora_anchor_gradients
+from llmreg.losses.anchor import (
+    accumulate_fisher,
+    anchor_gradients,
+    anchor_penalty,
+    lora_anchor_gradients,
+    lora_proximal_update,
+)
 from llmreg.scoring import token_logps
 from llmreg.stages import dataset_digest
 from llmreg.trainer_utils import StepRegularizerMixin, is_zero3, prepare_side_dataset
@@ -63,6 +80,13 @@ class AnchorConfig:
     )
     fisher_num_samples: int = field(
         default=256, metadata={"help": "ewc: rows of the fisher dataset the Fisher is estimated on (its first ones)."}
+    )
+    anchor_decoupled: bool = field(
+        default=False, metadata={"help": "Apply the anchor after each optimizer step with its learning rate η, as "
+                                         "AdamW applies weight decay, not as a gradient through Adam and clipping: "
+                                         "θ ← θ₀ + (θ − θ₀)/(1 + η·λ·F) in full fine-tuning (its proximal step); "
+                                         "with LoRA that step on ΔW, made by B by least squares. Not under "
+                                         "DeepSpeed."}
     )
 
     def __post_init__(self):
@@ -168,6 +192,10 @@ class AnchorMixin(StepRegularizerMixin):
             raise ValueError("The anchor reads the adapter's A and B (or θ − θ₀) whole, and FSDP2 keeps parameters "
                              "as sharded DTensors. Use DeepSpeed ZeRO-3 (accelerate_configs/deepspeed_zero3.yaml) "
                              "with LoRA, or DDP.")
+        if config.anchor_decoupled and self.is_deepspeed_enabled:
+            raise ValueError("anchor_decoupled steps the weights after the optimizer's step, and DeepSpeed steps its "
+                             "own copy of them inside the backward pass, which would overwrite it. Under DeepSpeed "
+                             "use the anchor as a gradient (anchor_decoupled=False), or train with DDP.")
         model = self.accelerator.unwrap_model(self.model)
         if isinstance(model, PeftModel):
             self._anchor_layers = adapted_layers(model)
@@ -198,6 +226,8 @@ class AnchorMixin(StepRegularizerMixin):
             self._anchor_groups = [(indices, key[2], None if self._fisher[0] is None else
                                     torch.stack([self._fisher[i] for i in indices]))
                                    for key, indices in groups.items()]
+        if config.anchor_decoupled:
+            self.add_callback(_DecoupledAnchorStep(self))
 
     def _load_or_estimate_fisher(self, dataset, names: list[str]) -> dict[str, torch.Tensor]:
         config = self.anchor_config
@@ -257,13 +287,63 @@ class AnchorMixin(StepRegularizerMixin):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # λ·F·Δ(w) is added once per optimizer step, at its last micro-batch, identical on every process.
-        if not self.anchor_config.enabled or not self.accelerator.sync_gradients:
+        config = self.anchor_config
+        if not config.enabled or config.anchor_decoupled or not self.accelerator.sync_gradients:
             return super().training_step(model, inputs, num_items_in_batch)
         extras, distance, penalty = self._anchor_terms()
         log_metric(self, "train", "anchor/distance", distance)
         log_metric(self, "train", "anchor/penalty", penalty)
         return self.training_step_adding(model, inputs, num_items_in_batch, self._anchor_params, extras,
                                          "The anchor's gradient")
+
+    def decoupled_anchor_step(self):
+        """The penalty's proximal step with this step's learning rate η (``llmreg.losses.anchor``): after the
+        optimizer's step, before the scheduler's."""
+        if self.accelerator.optimizer_step_was_skipped:  # a mixed-precision overflow: no step, no decay
+            return
+        rates = {id(p): group["lr"] for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [i for i, p in enumerate(self._anchor_params) if id(p) not in rates]
+        if missing:
+            raise RuntimeError(f"{len(missing)} anchored parameters are in no optimizer group: the decoupled "
+                               "anchor steps them with their group's learning rate.")
+        lr = rates[id(self._anchor_params[0])]
+        if any(rates[id(p)] != lr for p in self._anchor_params):
+            raise ValueError("anchor_decoupled takes its step with the learning rate of the anchored parameters, "
+                             "and the optimizer's groups give them several (LoRA+?). Give them one, or use the "
+                             "anchor as a gradient (anchor_decoupled=False).")
+        lam = self.anchor_config.anchor_lambda
+        if self._anchor_layers is None:
+            params = self._anchor_params
+            deltas = [p.detach() - origin for p, origin in zip(params, self._anchor_origin)]
+            updates = [lr * g for g in anchor_gradients(deltas, self._fisher, lam, proximal_lr=lr)]
+            distance = (2 / lam) * anchor_penalty(deltas, self._fisher, lam).item()
+        else:  # B alone moves
+            params, updates, squares = [], [], []
+            for indices, scaling, fisher in self._anchor_groups:
+                lora_a = torch.stack([self._anchor_params[2 * i].detach() for i in indices])
+                lora_b = torch.stack([self._anchor_params[2 * i + 1].detach() for i in indices])
+                update_b, squared = lora_proximal_update(lora_a, lora_b, scaling, fisher, lam, lr)
+                params += [self._anchor_params[2 * i + 1] for i in indices]
+                updates += update_b.unbind()
+                squares.append(squared)
+            distance = torch.stack(squares).sum().item()
+        with torch.no_grad():
+            for param, update in zip(params, updates, strict=True):
+                param.sub_(update.to(param.dtype))
+        log_metric(self, "train", "anchor/distance", distance)
+        log_metric(self, "train", "anchor/penalty", lam / 2 * distance)
+
+
+class _DecoupledAnchorStep(TrainerCallback):
+    """Calls the trainer's decoupled anchor step after each optimizer step (the Trainer has no method to override
+    there; its callbacks are called there)."""
+
+    def __init__(self, trainer: AnchorMixin):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.decoupled_anchor_step()
+
 
 def with_anchor(trainer_class: type) -> type:
     """``trainer_class`` with an anchor: a subclass with ``AnchorMixin`` first."""

@@ -7,10 +7,11 @@ replay, against plain SFT; the arithmetic it gains against the facts it keeps. O
     accelerate launch recipes/forgetting.py --config recipes/configs/forgetting_smollm2.yaml
 
 Each arm is ``name`` or ``name:strength``: ``sft``; ``l2sp:λ`` and ``ewc:λ`` (the anchor toward the starting weights,
-llmreg/anchor.py); ``kl_to_base:β`` (llmreg/kl_to_base.py); ``replay:share`` (that share of the training rows are old
-ones, llmreg/replay.py). The old behaviour is ``--old_dataset_name``/``--old_dataset_split`` (the lab's facts, retain
-split): EWC's Fisher is estimated on it (once, saved under output_dir and shared by the seeds) and replay mixes it in.
-The held-out facts, which the model knows and no arm trains on, are ``--heldout_dataset_name``/
+llmreg/anchor.py), ``l2sp_decoupled:λ`` and ``ewc_decoupled:λ`` (the same applied after each optimizer step, as
+AdamW's weight decay); ``kl_to_base:β`` (llmreg/kl_to_base.py); ``replay:share`` (that share of the training rows are
+old ones, llmreg/replay.py). The old behaviour is ``--old_dataset_name``/``--old_dataset_split`` (the lab's facts,
+retain split): EWC's Fisher is estimated on it (once, saved under output_dir and shared by the seeds) and replay
+mixes it in. The held-out facts, which the model knows and no arm trains on, are ``--heldout_dataset_name``/
 ``--heldout_dataset_split`` (the lab's facts, forget split). A real model does not know the lab's invented facts:
 recipes/configs/forgetting_smollm2.yaml takes real capitals instead (llmreg/world-facts, its old and heldout halves).
 
@@ -52,7 +53,8 @@ from llmreg.trainer_utils import (
 )
 
 
-ARMS = ("sft", "l2sp", "ewc", "kl_to_base", "replay")
+ARMS = ("sft", "l2sp", "ewc", "kl_to_base", "replay", "l2sp_decoupled", "ewc_decoupled")
+ANCHOR_ARMS = ("l2sp", "ewc", "l2sp_decoupled", "ewc_decoupled")
 METRICS = [("arithmetic_accuracy", "arithmetic acc. (%)"), ("old_facts_accuracy", "old facts acc. (%)"),
            ("heldout_facts_accuracy", "held-out facts acc. (%)")]
 
@@ -157,7 +159,7 @@ def pareto_plot(base: dict, results: dict[str, list[dict]]) -> bytes:
     faint), one color per regularizer, each point labeled with its arm."""
     from matplotlib.figure import Figure  # the object API: no pyplot, no display backend
 
-    colors = dict(zip(ARMS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    colors = dict(zip(ARMS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:cyan", "tab:brown"]))
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     for axes, (key, label) in zip(figure.subplots(1, 2), METRICS[1:]):
         for arm, rows in results.items():
@@ -218,9 +220,11 @@ def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args:
             args = replace(training_args, output_dir=str(arm_dir), seed=seed,
                            model_init_kwargs=init_kwargs)
             data = mix_replay(train, old, strength, seed) if name == "replay" else train
-            anchor = AnchorConfig(name, strength, fisher_path=str(output_dir / "fisher.safetensors"),
-                                  fisher_num_samples=script_args.fisher_num_samples) \
-                if name in ("l2sp", "ewc") else AnchorConfig()
+            anchor = AnchorConfig(name.removesuffix("_decoupled"), strength,
+                                  fisher_path=str(output_dir / "fisher.safetensors"),
+                                  fisher_num_samples=script_args.fisher_num_samples,
+                                  anchor_decoupled=name.endswith("_decoupled")) \
+                if name in ANCHOR_ARMS else AnchorConfig()
             kl_to_base = KLToBaseConfig(strength, kl_to_base_top_k=script_args.kl_to_base_top_k) \
                 if name == "kl_to_base" else KLToBaseConfig()
             settings = {"stage": "forgetting", **shared, "arm": arm_spec, "anchor": asdict(anchor),
@@ -232,7 +236,7 @@ def main(script_args: ForgettingArguments, training_args: SFTConfig, model_args:
                 reset_accelerator_state()
                 trainer = ForgettingSFTTrainer(model, args=args, train_dataset=data, peft_config=peft_config,
                                                anchor=anchor, kl_to_base=kl_to_base,
-                                               fisher_dataset=old if name == "ewc" else None)
+                                               fisher_dataset=old if name.startswith("ewc") else None)
                 trainer.train(resume_from_checkpoint=last_complete_checkpoint(work / "train"))
                 trainer.save_state()
                 save_trained_model(trainer, work / "model")

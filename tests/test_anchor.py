@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import sgd_config, small_lora, step_gradients
+from helpers import SGD_STEP, sgd_config, small_lora, step_gradients
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTTrainer
@@ -117,13 +117,78 @@ def test_the_fisher_is_the_mean_squared_log_likelihood_gradient_and_is_reused(la
                     peft_config=small_lora(), fisher_dataset=old_behaviour(4))
 
 
+def moved_and_trained(trainer, seed=1):
+    """θ₀ + a random move, then the trainer's training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    trainer.train()
+
+
+def test_decoupled_full_fine_tuning_takes_the_proximal_step_after_the_optimizer_step(lab_model_dir, tmp_path):
+    # One SGD step (η = 0.05) from θ₀ + a move, then θ ← θ₀ + (θ − θ₀)/(1 + η·λ·F): the plain trainer's step from the
+    # same weights, and the prox by hand with the saved Fisher.
+    fisher_path, lam, lr = tmp_path / "fisher.safetensors", 300.0, SGD_STEP["learning_rate"]
+    anchored = trainer_for(lab_model_dir, sgd_config(tmp_path / "a"),
+                           AnchorConfig("ewc", lam, fisher_path=str(fisher_path), anchor_decoupled=True),
+                           fisher_dataset=old_behaviour(3))
+    origin = {n: p.detach().clone() for n, p in anchored.model.named_parameters()}
+    moved_and_trained(anchored)
+    plain = trainer_for(lab_model_dir, sgd_config(tmp_path / "p"))
+    moved_and_trained(plain)
+    fisher = load_file(fisher_path)
+    shrink = {n: 1 + lr * lam * fisher[n] for n in fisher}
+    assert max(s.max() for s in shrink.values()) > 2  # the plain step λ·F·Δ would overshoot θ₀ there
+    for name, p in anchored.model.named_parameters():
+        stepped = plain.model.get_parameter(name).detach()
+        torch.testing.assert_close(p.detach(), origin[name] + (stepped - origin[name]) / shrink[name],
+                                   rtol=1e-5, atol=1e-6)
+    assert any((p.detach() - origin[name]).abs().max() > 1e-3 for name, p in anchored.model.named_parameters())
+    # The logged distance is after the optimizer's step, before the anchor's.
+    assert anchored.state.log_history[0]["anchor/distance"] == pytest.approx(float(sum(
+        (fisher[n].double() * (plain.model.get_parameter(n).detach().double() - origin[n].double()).square()).sum()
+        for n in fisher)), rel=1e-4)
+
+
+def test_decoupled_lora_moves_b_by_the_least_squares_prox_of_delta_w(lab_model_dir, tmp_path):
+    # After the optimizer's step, B ← B − δB, δB the least-squares solution of s·δB·A = η·λ·F/(1 + η·λ·F) ⊙ ΔW at the
+    # plain trainer's stepped A and B (lstsq, by hand); A is the optimizer's.
+    fisher_path, lam, lr = tmp_path / "fisher.safetensors", 2000.0, SGD_STEP["learning_rate"]
+    anchored = trainer_for(lab_model_dir, sgd_config(tmp_path / "a"),
+                           AnchorConfig("ewc", lam, fisher_path=str(fisher_path), anchor_decoupled=True),
+                           peft_config=small_lora(), fisher_dataset=old_behaviour(3))
+    anchored.train()
+    plain = trainer_for(lab_model_dir, sgd_config(tmp_path / "p"), peft_config=small_lora())
+    plain.train()
+    fisher = load_file(fisher_path)
+    expected, moved = {}, 0.0
+    for name, module in plain.model.named_modules():
+        if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
+            continue
+        a, b = module.lora_A["default"].weight.detach().double(), module.lora_B["default"].weight.detach().double()
+        f, scaling = fisher[f"{name.removeprefix('base_model.model.')}.weight"].double(), module.scaling["default"]
+        change = lr * lam * f / (1 + lr * lam * f) * (scaling * b @ a)
+        update = torch.linalg.lstsq(scaling * a.T, change.T).solution.T
+        expected[f"{name}.lora_A.default.weight"] = a.float()
+        expected[f"{name}.lora_B.default.weight"] = (b - update).float()
+        moved = max(moved, update.abs().max().item())
+    layers = anchored.model.config.num_hidden_layers
+    assert len(expected) == 4 * layers and moved > 1e-4
+    for name, hand in expected.items():
+        torch.testing.assert_close(anchored.model.get_parameter(name).detach(), hand, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["coupled", "decoupled"])
 @pytest.mark.parametrize("anchor", ["l2sp", "ewc"])
-def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, anchor):
+def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_path, anchor, decoupled):
     updates = []
     for batch, accumulation in ((8, 1), (1, 8)):
         args = sgd_config(tmp_path / str(batch), per_device_train_batch_size=batch,
                           gradient_accumulation_steps=accumulation, max_steps=2)
-        trainer = trainer_for(lab_model_dir, args, AnchorConfig(anchor, 50.0, fisher_path=str(tmp_path / "f")),
+        trainer = trainer_for(lab_model_dir, args, AnchorConfig(anchor, 50.0, fisher_path=str(tmp_path / "f"),
+                                                                anchor_decoupled=decoupled),
                               peft_config=small_lora(), fisher_dataset=old_behaviour(3))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()

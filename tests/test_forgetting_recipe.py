@@ -26,7 +26,7 @@ def run(lab_model_dir, tmp_path, *extra):
 
 
 def test_every_arm_trains_with_its_regularizer_and_is_scored(lab_model_dir, tmp_path):
-    arms = ["sft", "l2sp:0.01", "ewc:10", "kl_to_base:1", "replay:0.5"]
+    arms = ["sft", "l2sp:0.01", "ewc:10", "kl_to_base:1", "replay:0.5", "ewc_decoupled:1000"]
     result = run(lab_model_dir, tmp_path, "--arms", *arms)
     assert set(result["arms"]) == set(arms)
     for row in [result["base"], *(rows[0] for rows in result["arms"].values())]:
@@ -34,6 +34,10 @@ def test_every_arm_trains_with_its_regularizer_and_is_scored(lab_model_dir, tmp_
     logged = {arm: json.loads((tmp_path / arm.replace(":", "=") / "seed0" / "train" / "trainer_state.json")
                               .read_text())["log_history"][0] for arm in arms}
     assert "anchor/distance" in logged["l2sp:0.01"] and "anchor/distance" in logged["ewc:10"]
+    assert "anchor/distance" in logged["ewc_decoupled:1000"]
+    decoupled = json.loads((tmp_path / "ewc_decoupled=1000" / "seed0" / "llmreg_stage.json").read_text())
+    assert decoupled["settings"]["anchor"] == {**decoupled["settings"]["anchor"], "anchor": "ewc",
+                                               "anchor_decoupled": True}
     assert "kl_to_base/kl" in logged["kl_to_base:1"] and "anchor/distance" not in logged["sft"]
     assert (tmp_path / "fisher.safetensors").is_file()  # estimated once, under the output directory
     table = (tmp_path / "forgetting_results.md").read_text()
@@ -47,7 +51,8 @@ def test_every_arm_trains_with_its_regularizer_and_is_scored(lab_model_dir, tmp_
 
 
 @pytest.mark.parametrize(("arms", "message"), [
-    (["sft", "ewc"], "needs its strength"), (["dropout:1"], "valid arms: sft, l2sp, ewc, kl_to_base, replay"),
+    (["sft", "ewc"], "needs its strength"),
+    (["dropout:1"], "valid arms: sft, l2sp, ewc, kl_to_base, replay, l2sp_decoupled, ewc_decoupled"),
     (["replay:1"], "replay share below 1"), (["sft", "sft"], "must not repeat"),
 ])
 def test_bad_arms_are_refused_before_training(lab_model_dir, tmp_path, arms, message):

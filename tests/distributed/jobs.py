@@ -94,6 +94,11 @@ STEP_ARGS = {
     "anchor_l2sp": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "l2sp", "--anchor_lambda", "20",
                     "--gradient_accumulation_steps", "2"],
     "anchor_ewc_lora": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "ewc", "--anchor_lambda", "1000", *LORA],
+    # The decoupled anchor's proximal step after each optimizer step, once a step, on weights equal on both processes.
+    "anchor_decoupled_ewc": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "ewc", "--anchor_lambda", "300",
+                             "--anchor_decoupled", "--gradient_accumulation_steps", "2"],
+    "anchor_decoupled_l2sp_lora": [str(SCRIPTS / "forgetting_step.py"), "--anchor", "l2sp", "--anchor_lambda", "20",
+                                   "--anchor_decoupled", *LORA],
     # SAM around the anchor: the anchor's gradient is of w, read from the weights SAM saved (whole, under ZeRO-3).
     "sam_anchor_lora": [str(SCRIPTS / "forgetting_step.py"), "--weight_perturbation", "sam", "--perturbation_rho",
                         "0.5", "--anchor", "l2sp", "--anchor_lambda", "20", *LORA,
@@ -119,12 +124,18 @@ REFUSED = {"fsdp2.yaml": {"recipe_booster": "does not support FSDP", "recipe_fta
                           "step_anchor_l2sp": "FSDP2 keeps parameters as sharded DTensors",
                           "step_anchor_ewc_lora": "FSDP2 keeps parameters as sharded DTensors",
                           "step_sam_anchor_lora": "FSDP2 keeps parameters as sharded DTensors",
+                          "step_anchor_decoupled_ewc": "FSDP2 keeps parameters as sharded DTensors",
+                          "step_anchor_decoupled_l2sp_lora": "FSDP2 keeps parameters as sharded DTensors",
                           "step_kl_to_base_lora": "resharded it into DTensors",
                           "step_kl_to_base_top_k": "resharded it into DTensors"},
            # The anchor of full fine-tuning keeps θ₀ whole; EWC's Fisher needs whole weights (estimate it first).
            **{config: {"step_anchor_l2sp": "which ZeRO-3 shards", "step_anchor_ewc_lora": "ZeRO-3 shards",
                        "step_kl_to_base_top_k": "ZeRO-3 has sharded it"}
               for config in ("deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml")}}
+# DeepSpeed steps its own copy of the weights inside the backward pass, out of reach of the decoupled anchor.
+for config in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml"):
+    REFUSED.setdefault(config, {}).update({f"step_anchor_decoupled_{name}": "DeepSpeed steps its own copy"
+                                           for name in ("ewc", "l2sp_lora")})
 
 
 # Under ZeRO-3 the unlearning recipe runs its whole protocol (full fine-tunes of the original and gold models, then
