@@ -260,13 +260,17 @@ def make_l2sp_case():
     return make_lora_case(with_anchor(SFTTrainer), anchor=AnchorConfig("l2sp", 0.01))
 
 
-def make_ewc_case():
+def make_ewc_case(decoupled: bool = False):
     """EWC on ΔW (λ = 100; the Fisher of 16 fact rows, estimated when the trainer is built, not timed) against plain
-    LoRA."""
+    LoRA; ``decoupled``: applied after the optimizer step (the least-squares B for the prox of ΔW)."""
     fisher = os.path.join(tempfile.mkdtemp(prefix="llmreg-bench-"), "fisher.safetensors")
     old = facts_dataset("retain").select_columns(["prompt", "completion"])
-    return make_lora_case(with_anchor(SFTTrainer), anchor=AnchorConfig("ewc", 100.0, fisher_path=fisher,
-                                                                       fisher_num_samples=16), fisher_dataset=old)
+    anchor = AnchorConfig("ewc", 100.0, fisher_path=fisher, fisher_num_samples=16, anchor_decoupled=decoupled)
+    return make_lora_case(with_anchor(SFTTrainer), anchor=anchor, fisher_dataset=old)
+
+
+def make_ewc_decoupled_case():
+    return make_ewc_case(decoupled=True)
 
 
 def make_kl_to_base_case():
@@ -328,6 +332,7 @@ CASES = {"sft": make_sft_case, "rpg": make_rpg_case, "rspo": make_rspo_case, "sp
          "reweight": make_reweight_case, "reweight_vs_uniform": make_reweight_vs_uniform_case,
          "reweight_step_scope": make_reweight_step_scope_case, "sam": make_sam_case,
          "gradient_norm": make_gradient_norm_case, "l2sp": make_l2sp_case, "ewc": make_ewc_case,
+         "ewc_decoupled": make_ewc_decoupled_case,
          "kl_to_base": make_kl_to_base_case, "kl_to_base_top_k": make_kl_to_base_top_k_case}
 
 COLUMNS = [
