@@ -92,6 +92,9 @@ class AnchorConfig:
     def __post_init__(self):
         if self.anchor not in ANCHORS:
             raise ValueError(f"Unknown anchor {self.anchor!r}; valid: {', '.join(ANCHORS)}.")
+        if self.anchor_decoupled and self.anchor == "none":
+            raise ValueError("anchor_decoupled applies an anchor after each optimizer step, and anchor is 'none': "
+                             "choose l2sp or ewc, or leave anchor_decoupled off.")
         if self.anchor_lambda < 0 or self.fisher_num_samples < 1:
             raise ValueError(f"anchor_lambda must be >= 0 and fisher_num_samples >= 1, got {self.anchor_lambda} and "
                              f"{self.fisher_num_samples}.")

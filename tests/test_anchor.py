@@ -202,5 +202,7 @@ def test_gradient_accumulation_does_not_change_the_update(lab_model_dir, tmp_pat
 def test_bad_input_is_refused(lab_model_dir, tmp_path):
     with pytest.raises(ValueError, match="valid: none, l2sp, ewc"):
         AnchorConfig("sp")
+    with pytest.raises(ValueError, match="choose l2sp or ewc"):
+        AnchorConfig(anchor_decoupled=True)
     with pytest.raises(ValueError, match="pass fisher_dataset"):
         trainer_for(lab_model_dir, sgd_config(tmp_path), AnchorConfig("ewc", 1.0))
