@@ -316,23 +316,26 @@ class AnchorMixin(StepRegularizerMixin):
                              "anchor as a gradient (anchor_decoupled=False).")
         lam = self.anchor_config.anchor_lambda
         if self._anchor_layers is None:
-            params = self._anchor_params
-            deltas = [p.detach() - origin for p, origin in zip(params, self._anchor_origin)]
-            updates = [lr * g for g in anchor_gradients(deltas, self._fisher, lam, proximal_lr=lr)]
-            distance = (2 / lam) * anchor_penalty(deltas, self._fisher, lam).item()
+            # A tensor at a time: the whole model's Δ and update at once would be two more copies of the weights.
+            penalty = 0.0
+            with torch.no_grad():
+                for param, origin, fisher in zip(self._anchor_params, self._anchor_origin, self._fisher, strict=True):
+                    delta = param - origin
+                    penalty = penalty + anchor_penalty([delta], [fisher], lam)
+                    (gradient,) = anchor_gradients([delta], [fisher], lam, proximal_lr=lr)
+                    param.sub_(gradient.mul_(lr).to(param.dtype))
+            distance = (2 / lam) * float(penalty)
         else:  # B alone moves
-            params, updates, squares = [], [], []
+            squares = []
             for indices, scaling, fisher in self._anchor_groups:
                 lora_a = torch.stack([self._anchor_params[2 * i].detach() for i in indices])
                 lora_b = torch.stack([self._anchor_params[2 * i + 1].detach() for i in indices])
                 update_b, squared = lora_proximal_update(lora_a, lora_b, scaling, fisher, lam, lr)
-                params += [self._anchor_params[2 * i + 1] for i in indices]
-                updates += update_b.unbind()
+                with torch.no_grad():
+                    for i, update in zip(indices, update_b.unbind(), strict=True):
+                        self._anchor_params[2 * i + 1].sub_(update.to(self._anchor_params[2 * i + 1].dtype))
                 squares.append(squared)
             distance = torch.stack(squares).sum().item()
-        with torch.no_grad():
-            for param, update in zip(params, updates, strict=True):
-                param.sub_(update.to(param.dtype))
         log_metric(self, "train", "anchor/distance", distance)
         log_metric(self, "train", "anchor/penalty", lam / 2 * distance)
 
