@@ -14,7 +14,8 @@ Each optimizer step takes its gradient at moved weights w + δ (the rules and th
 2. δ from g (and w: ASAM, AWP); the trainable parameters are saved and moved to w + δ (gathered under ZeRO-3);
 3. the trainer's own step runs every micro-batch at w + δ: its backward accumulates g̃ = ∇L(w + δ) as it would
    accumulate ∇L(w), whoever owns ``.grad`` (DDP, ZeRO-2/3). For gradient-norm regularization, whose update is
-   (1 − c)·g + c·g̃, hooks on the parameters scale that backward by c and add (1 − c)·g once, at the last micro-batch;
+   (1 − c)·g + c·g̃, the perturbed loss's gradient is scaled by c (its value is not), and (1 − c)·g is added once,
+   after the last micro-batch's backward (under DeepSpeed, which owns ``.grad``, inside it through hooks);
 4. after the last micro-batch's backward, before the optimizer steps, the saved w is copied back, bit for bit. Under
    DeepSpeed the optimizer steps inside that backward, from its own fp32 copy of the weights, which the move did not
    touch: the update is of w, and the copy back is needed only when it skipped the step (fp16 overflow).
@@ -44,12 +45,14 @@ from llmreg.losses.perturbation import (
     adaptive_step,
     global_norm,
     gradient_norm_coefficients,
+    gradient_scaled,
     layerwise_step,
     normalized_step,
 )
 from llmreg.trainer_utils import (
     PrefetchedStepMixin,
     StepRegularizerMixin,
+    add_to_gradients,
     gathered_parameters,
     gradients_added_in_backward,
     is_zero3,
@@ -184,7 +187,7 @@ class WeightPerturbationMixin:
         self._saved_weights = None
         self._perturbed: list[torch.nn.Parameter] = []  # the trainable parameters, found at the first step
         self._perturbed_names, self._perturbed_model = None, None
-        self._perturbation_terms = None  # (scale, extras) of gradient_norm's combination
+        self._combination = None  # gradient_norm's (a, b, g): the step's update is a·g + b·g̃
         self._in_perturbed_pass = False
         self._perturbed_loss = 0.0  # the step's L(w + δ) so far
         if config.enabled:
@@ -209,8 +212,8 @@ class WeightPerturbationMixin:
         outside = [cls.__name__ for cls in mro[:mro.index(WeightPerturbationMixin)]
                    if StepRegularizerMixin in cls.__bases__]
         if outside:
-            # Their gradient is of w and joins the last micro-batch's; under gradient_norm, whose hooks scale that
-            # backward, it would be scaled too if their hooks ran first.
+            # Their gradient is of w, read through ``_weights_at_w`` while the weights are at w + δ, which this
+            # mixin sets at the step's first micro-batch: they must run inside its step.
             raise TypeError(f"{', '.join(outside)} must come after WeightPerturbationMixin in the class's bases, so "
                             f"that {name} runs around their step: with_weight_perturbation(with_anchor(...)), not "
                             "with_anchor(with_weight_perturbation(...)).")
@@ -237,18 +240,24 @@ class WeightPerturbationMixin:
             self._start_step(model, *self._perturbation_pending)
             self._perturbation_pending = None
         last = self.accelerator.sync_gradients
-        scale, extras = self._perturbation_terms or (1.0, None)
-        combination = contextlib.nullcontext()
-        if scale != 1.0 or (last and extras is not None):
-            combination = gradients_scaled_in_backward(self._perturbed, scale, extras if last else None)
+        combination, added = self._combination, contextlib.nullcontext()
+        what = "The gradient-norm term (1 − c)·g"
+        if last and combination is not None and self.is_deepspeed_enabled:
+            a, _, grads = combination
+            added = gradients_added_in_backward(self._perturbed, [a * g for g in grads], what)
         self._in_perturbed_pass = True
         try:
-            with combination:
+            with added:
                 perturbed_loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._in_perturbed_pass = False
             if last:
                 self._finish_step()
+        if last and combination is not None and not self.is_deepspeed_enabled:
+            # After the backward: .grad is synchronized, and an inner penalty's gradient (the anchor's), which is not
+            # to be scaled, is already in it. Sums commute.
+            a, _, grads = combination
+            add_to_gradients(self._perturbed, grads, what, alpha=a)
         # Summed over the step's micro-batches and averaged over processes, as the Trainer makes the logged loss.
         self._perturbed_loss = self._perturbed_loss + perturbed_loss.detach().float()
         if last:
@@ -259,9 +268,20 @@ class WeightPerturbationMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The trainer's metrics (entropy, accuracy, rewards, ...) are those of L(w), the loss this step reports: the
         # perturbed pass's are dropped. Metrics logged outside the loss (the ℓ1 penalty's) stay.
-        with metrics_discarded(self) if self._in_perturbed_pass else contextlib.nullcontext():
+        if not self._in_perturbed_pass:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+        with metrics_discarded(self):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        if self._combination is None:
+            return result
+        # gradient_norm: the backward of this pass gives b·g̃, with no hook on the parameters; the loss's value (the
+        # logged perturbation/loss) is L(w + δ).
+        b = self._combination[1]
+        if return_outputs:
+            return gradient_scaled(result[0], b), result[1]
+        return gradient_scaled(result, b)
 
     def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
         return value if self.accelerator.num_processes == 1 else self.accelerator.reduce(value, reduction="mean")
@@ -302,10 +322,10 @@ class WeightPerturbationMixin:
                 moved.extend(layerwise_step(grads, whole, config.awp_gamma))
             return moved
 
-        self._perturbation_terms = None
+        self._combination = None
         if rule == "gradient_norm":
             a, b = gradient_norm_coefficients(grad_norm, config.gradient_norm_gamma, config.gradient_norm_epsilon)
-            self._perturbation_terms = (b, [a * g for g in grads])
+            self._combination = (a, b, grads)
         self._saved_weights = move_parameters(self.accelerator, params, steps)
         self._weights_at_w = {id(p): saved for p, saved in zip(params, self._saved_weights)}  # for the penalties
         log_metric(self, "train", "perturbation/grad_norm", grad_norm)
@@ -313,29 +333,13 @@ class WeightPerturbationMixin:
 
     def _finish_step(self) -> None:
         """w back before the optimizer steps (see the module docstring for DeepSpeed, which stepped already)."""
-        saved, self._saved_weights, self._perturbation_terms = self._saved_weights, None, None
+        saved, self._saved_weights, self._combination = self._saved_weights, None, None
         self._weights_at_w = None
         if saved is None:
             return
         if self.is_deepspeed_enabled and self.model_wrapped.was_step_applied():
             return  # the update of w, from DeepSpeed's own copy, is in the weights now
         restore_parameters(self.accelerator, self._perturbed, saved)
-
-
-@contextmanager
-def gradients_scaled_in_backward(params: list[torch.nn.Parameter], scale: float, extras: list[torch.Tensor] | None):
-    """In the backward run inside the block, each parameter's gradient is multiplied by ``scale`` and, when given,
-    ``extras[i]`` is added once (``gradients_added_in_backward``): through hooks on the parameters, so that it reaches
-    ``.grad`` the way the loss's own gradient does (DDP's buckets, DeepSpeed's partitions)."""
-    handles = [p.register_hook(lambda grad: grad * scale) for p in params] if scale != 1.0 else []
-    added = gradients_added_in_backward(params, extras, "The gradient-norm term") if extras is not None else \
-        contextlib.nullcontext()
-    try:
-        with added:
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def with_weight_perturbation(trainer_class: type) -> type:

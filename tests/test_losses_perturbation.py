@@ -13,6 +13,7 @@ from llmreg.losses.perturbation import (
     combine,
     global_norm,
     gradient_norm_coefficients,
+    gradient_scaled,
     layerwise_step,
     normalized_step,
 )
@@ -123,3 +124,14 @@ def test_awp_moves_each_weight_tensor_relative_to_its_own_norm():
 def test_combine_by_hand():
     out = combine([torch.tensor([1.0, 2.0])], [torch.tensor([10.0, 20.0])], a=-1.0, b=0.5)
     torch.testing.assert_close(out[0], torch.tensor([4.0, 8.0]))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.37, 2.5])
+def test_gradient_scaled_keeps_the_value_and_scales_the_gradient(scale):
+    # L = ½wᵀAw at w = (1, 1): value 3.5, gradient Aw = (3, 4).
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    loss = 0.5 * w @ A @ w
+    scaled = gradient_scaled(loss, scale)
+    assert scaled.item() == loss.item() == 3.5
+    scaled.backward()
+    torch.testing.assert_close(w.grad, scale * torch.tensor([3.0, 4.0], dtype=torch.float64), rtol=0, atol=1e-15)

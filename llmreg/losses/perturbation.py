@@ -71,6 +71,12 @@ def gradient_norm_coefficients(grad_norm: float, gamma: float, epsilon: float) -
     return 1.0 - c, c
 
 
+def gradient_scaled(loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``loss`` with its value unchanged (bit for bit, when finite) and its gradient multiplied by ``scale``: a
+    backward of it gives scale·∇loss, as hooks scaling every parameter's gradient would, with no hook."""
+    return loss.detach() + scale * (loss - loss.detach())
+
+
 def combine(grads: list[torch.Tensor], perturbed_grads: list[torch.Tensor], a: float,
             b: float) -> list[torch.Tensor]:
     """a·g + b·g̃ per tensor: the update direction of every rule above."""
