@@ -39,7 +39,7 @@ from trl import SFTTrainer
 from llmreg._compat import add_signature_columns, independent_copy, log_metric
 from llmreg.losses.aggregation import aggregate
 from llmreg.losses.kl import top_k_kl_per_token, vocab_kl_per_token
-from llmreg.trainer_utils import is_zero3, loss_token_mask
+from llmreg.trainer_utils import adapter_layers, adapters_disabled, is_zero3, loss_token_mask
 
 
 DIRECTIONS = ("forward", "reverse")
@@ -82,6 +82,7 @@ class KLToBaseMixin:
         self.kl_to_base = config  # before the Trainer's __init__, which may read the dataset columns to keep
         super().__init__(*args, **kwargs)
         self._frozen_base = None
+        self._adapters = (None, [])  # (the model, its adapter layers), found once: the base is the adapter disabled
         if config.kl_to_base_beta == 0:
             return
         if not isinstance(self, SFTTrainer):
@@ -171,7 +172,9 @@ class KLToBaseMixin:
         else:
             model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
             reference_model = self._frozen_base if self._frozen_base is not None else base
-            with unwrapped.disable_adapter() if self._frozen_base is None else contextlib.nullcontext(), \
+            if self._frozen_base is None and self._adapters[0] is not unwrapped:
+                self._adapters = (unwrapped, adapter_layers(unwrapped))
+            with adapters_disabled(self._adapters[1]) if self._frozen_base is None else contextlib.nullcontext(), \
                     torch.no_grad():
                 base_hidden = reference_model.get_decoder()(**model_inputs, use_cache=False)[0]
                 base_logits = reference_model.get_output_embeddings()(base_hidden[:, :-1][mask])

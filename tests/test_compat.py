@@ -35,6 +35,7 @@ LIBRARIES = ("trl", "transformers", "accelerate", "datasets", "peft", "huggingfa
 PUBLIC_MODULES = {
     "accelerate.utils": "accelerate's documented utilities (gather_object, broadcast_object_list, tqdm)",
     "transformers.modeling_outputs": "transformers' documented model outputs (CausalLMOutput)",
+    "peft.tuners.tuners_utils": "PEFT's documented tuner base classes (BaseTunerLayer, the adapter layers' base)",
 }
 # Private attributes of libraries outside TRL's stack, which llmreg/_compat.py does not cover.
 OTHER_PRIVATE = {
