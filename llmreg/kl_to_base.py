@@ -82,7 +82,10 @@ class KLToBaseMixin:
         self.kl_to_base = config  # before the Trainer's __init__, which may read the dataset columns to keep
         super().__init__(*args, **kwargs)
         self._frozen_base = None
-        self._adapters = (None, [])  # (the model, its adapter layers), found once: the base is the adapter disabled
+        # id(the model as compute_loss gets it) → (it, unwrapped, its adapter layers): found once per model, as
+        # unwrapping reads the installed packages' metadata (milliseconds a call). Wrapped (DDP) in the Trainer's step,
+        # unwrapped in a weight perturbation's first pass. With LoRA the base is the adapter disabled.
+        self._unwrapped = {}
         if config.kl_to_base_beta == 0:
             return
         if not isinstance(self, SFTTrainer):
@@ -150,7 +153,12 @@ class KLToBaseMixin:
         if self.kl_to_base.kl_to_base_top_k and top_k is None:
             raise ValueError("This batch lacks the base's precomputed top-k (kl_to_base_top_k): its rows are not the "
                              "training or evaluation rows they were precomputed for.")
-        unwrapped = self.accelerator.unwrap_model(model)
+        found = self._unwrapped.get(id(model))
+        if found is None or found[0] is not model:
+            unwrapped = self.accelerator.unwrap_model(model)
+            found = (model, unwrapped, adapter_layers(unwrapped) if isinstance(unwrapped, PeftModel) else [])
+            self._unwrapped[id(model)] = found
+        _, unwrapped, adapters = found
         base = unwrapped.get_base_model() if isinstance(unwrapped, PeftModel) else unwrapped
         hidden = []
         handle = base.get_decoder().register_forward_hook(lambda module, args, out: hidden.append(out[0]))
@@ -172,9 +180,7 @@ class KLToBaseMixin:
         else:
             model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
             reference_model = self._frozen_base if self._frozen_base is not None else base
-            if self._frozen_base is None and self._adapters[0] is not unwrapped:
-                self._adapters = (unwrapped, adapter_layers(unwrapped))
-            with adapters_disabled(self._adapters[1]) if self._frozen_base is None else contextlib.nullcontext(), \
+            with adapters_disabled(adapters) if self._frozen_base is None else contextlib.nullcontext(), \
                     torch.no_grad():
                 base_hidden = reference_model.get_decoder()(**model_inputs, use_cache=False)[0]
                 base_logits = reference_model.get_output_embeddings()(base_hidden[:, :-1][mask])

@@ -186,7 +186,7 @@ class WeightPerturbationMixin:
         self._losses_at_w: list[torch.Tensor] = []  # L(w) of each remaining micro-batch of the step
         self._saved_weights = None
         self._perturbed: list[torch.nn.Parameter] = []  # the trainable parameters, found at the first step
-        self._perturbed_names, self._perturbed_model = None, None
+        self._perturbed_names, self._perturbed_model = None, (None, None)  # (the model as called, unwrapped)
         self._combination = None  # gradient_norm's (a, b, g): the step's update is a·g + b·g̃
         self._in_perturbed_pass = False
         self._perturbed_loss = 0.0  # the step's L(w + δ) so far
@@ -288,12 +288,16 @@ class WeightPerturbationMixin:
 
     def _start_step(self, model, batches: list[dict], num_items_in_batch) -> None:
         config = self.weight_perturbation
-        unwrapped = self.accelerator.unwrap_model(model)  # no DDP hooks: this pass is not the step's backward
-        unwrapped.train()
-        if self._perturbed_names is None or self._perturbed_model is not unwrapped:  # found once per model
+        # Found once per model (unwrapping reads the installed packages' metadata, milliseconds a call). The pass runs
+        # unwrapped: no DDP hooks, it is not the step's backward.
+        if self._perturbed_model[0] is not model:
+            unwrapped = self.accelerator.unwrap_model(model)
             named = [(name, p) for name, p in unwrapped.named_parameters() if p.requires_grad]
-            self._perturbed_model, self._perturbed_names = unwrapped, [name for name, _ in named]
+            self._perturbed_model, self._perturbed_names = (model, unwrapped), [name for name, _ in named]
             self._perturbed = [p for _, p in named]
+        unwrapped = self._perturbed_model[1]
+        if not unwrapped.training:  # the Trainer's training_step sets it, after this pass; a walk over every module
+            unwrapped.train()
         params = self._perturbed
         grads, self._losses_at_w = None, []
         with random_draws_replayed(self.accelerator):  # the step's own passes will draw what these draw
