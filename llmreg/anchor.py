@@ -56,7 +56,7 @@ from llmreg.losses.anchor import (
 )
 from llmreg.scoring import token_logps
 from llmreg.stages import dataset_digest
-from llmreg.trainer_utils import StepRegularizerMixin, is_zero3, prepare_side_dataset
+from llmreg.trainer_utils import StepRegularizerMixin, is_zero3, prepare_side_dataset, refuse_fp16_under_deepspeed
 
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,8 @@ class AnchorMixin(StepRegularizerMixin):
             raise ValueError("anchor_decoupled steps the weights after the optimizer's step, and DeepSpeed steps its "
                              "own copy of them inside the backward pass, which would overwrite it. Under DeepSpeed "
                              "use the anchor as a gradient (anchor_decoupled=False), or train with DDP.")
+        if not config.anchor_decoupled:  # decoupled, it steps the weights after the optimizer, not its gradient
+            refuse_fp16_under_deepspeed(self, "The anchor's gradient")
         model = self.accelerator.unwrap_model(self.model)
         if isinstance(model, PeftModel):
             self._anchor_layers = adapted_layers(model)

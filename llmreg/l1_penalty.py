@@ -17,7 +17,7 @@ from peft import PeftModel
 
 from llmreg._compat import log_metric
 from llmreg.losses.unlearning import l1_penalty
-from llmreg.trainer_utils import StepRegularizerMixin, is_zero3
+from llmreg.trainer_utils import StepRegularizerMixin, is_zero3, refuse_fp16_under_deepspeed
 
 
 class L1PenaltyMixin(StepRegularizerMixin):
@@ -31,6 +31,7 @@ class L1PenaltyMixin(StepRegularizerMixin):
         self._l1_params, self._l1_origin = [], None
         if l1_lambda == 0:  # off: no copy of the weights, and nothing refused (recipes compose it unconditionally)
             return
+        refuse_fp16_under_deepspeed(self, "The ℓ1 penalty's gradient")
         self._l1_params = [p for p in self.model.parameters() if p.requires_grad]
         if not isinstance(self.model, PeftModel):  # full fine-tuning: the distance from the starting weights
             if is_zero3(self.accelerator):

@@ -237,18 +237,37 @@ def replace_directory(temporary: Path, final: Path) -> None:
     os.replace(temporary, final)
 
 
+def loss_scale(accelerator) -> float:
+    """The factor torch's fp16 gradient scaler multiplies this step's loss by (1 without one: fp32, bf16). The
+    gradient in ``.grad`` is scaled by it until the optimizer unscales it, so a gradient added to it in or after the
+    backward must be scaled too, or it arrives divided by it. (DeepSpeed scales inside its engine: see
+    ``refuse_fp16_under_deepspeed``.)"""
+    return 1.0 if accelerator.scaler is None else accelerator.scaler.get_scale()
+
+
+def refuse_fp16_under_deepspeed(trainer, what: str) -> None:
+    """``what`` adds a gradient to the loss's inside DeepSpeed's backward, whose fp16 loss scale (DeepSpeed's own, and
+    dynamic) this does not read: refused before training, rather than added unscaled."""
+    if trainer.is_deepspeed_enabled and trainer.args.fp16:
+        raise ValueError(f"{what} is added to the loss's gradient inside the backward, and fp16 under DeepSpeed "
+                         "scales that gradient by DeepSpeed's own loss scale, which llmreg does not read. Use bf16 "
+                         "under DeepSpeed, or fp16 without it (DDP or one process).")
+
+
 @contextmanager
-def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[torch.Tensor], what: str):
-    """Add ``extras[i]`` to the gradient of ``params[i]`` in the backward run inside the block, once, through hooks
-    on the parameters: the addition reaches ``.grad`` the way the loss's own gradient does, whoever owns ``.grad``
-    (plain PyTorch, DDP's buckets, DeepSpeed ZeRO-2/3's partitions), and is averaged over processes with it. Raises
-    if a parameter got no gradient in that backward (the loss does not reach it), naming ``what`` was lost."""
+def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[torch.Tensor], what: str,
+                                scale: float = 1.0):
+    """Add ``scale``·``extras[i]`` to the gradient of ``params[i]`` in the backward run inside the block, once,
+    through hooks on the parameters: the addition reaches ``.grad`` the way the loss's own gradient does, whoever owns
+    ``.grad`` (plain PyTorch, DDP's buckets, DeepSpeed ZeRO-2/3's partitions), and is averaged over processes with it.
+    ``scale``: the loss scale of that backward (``loss_scale``). Raises if a parameter got no gradient in that backward
+    (the loss does not reach it), naming ``what`` was lost."""
     pending = dict(enumerate(extras))
 
     def add_once(index):
         def hook(grad):
             extra = pending.pop(index, None)  # once: a re-entrant checkpoint may fire the hook again
-            return grad if extra is None else grad + extra.to(grad.dtype)
+            return grad if extra is None else grad.add(extra.to(grad.dtype), alpha=scale)
         return hook
 
     handles = [p.register_hook(add_once(i)) for i, p in enumerate(params)]
@@ -266,8 +285,8 @@ def gradients_added_in_backward(params: list[torch.nn.Parameter], extras: list[t
 def add_to_gradients(params: list[torch.nn.Parameter], extras: list[torch.Tensor], what: str,
                      alpha: float = 1.0) -> None:
     """``.grad`` of ``params[i]`` += alpha·``extras[i]``, all at once: after the step's last backward, outside
-    DeepSpeed (which owns ``.grad``: use ``gradients_added_in_backward`` there). Raises if a parameter has no gradient,
-    naming ``what`` was lost."""
+    DeepSpeed (which owns ``.grad``: use ``gradients_added_in_backward`` there). ``alpha`` includes the loss scale
+    (``loss_scale``). Raises if a parameter has no gradient, naming ``what`` was lost."""
     if any(p.grad is None for p in params):
         raise RuntimeError(f"{what} could not be added: some trainable parameters got no gradient from the loss. "
                            "Freeze those parameters (requires_grad=False).")
@@ -299,11 +318,11 @@ class StepRegularizerMixin:
     def training_step_adding(self, model, inputs, num_items_in_batch, params: list[torch.nn.Parameter],
                              extras: list[torch.Tensor], what: str):
         """The trainer's own ``training_step``, with ``extras[i]`` added to the gradient of ``params[i]``."""
-        if self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled:  # fp16 refused there (refuse_fp16_under_deepspeed)
             with gradients_added_in_backward(params, extras, what):
                 return super().training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        add_to_gradients(params, extras, what)
+        add_to_gradients(params, extras, what, alpha=loss_scale(self.accelerator))
         return loss
 
 

@@ -56,6 +56,8 @@ from llmreg.trainer_utils import (
     gathered_parameters,
     gradients_added_in_backward,
     is_zero3,
+    loss_scale,
+    refuse_fp16_under_deepspeed,
 )
 
 
@@ -200,6 +202,8 @@ class WeightPerturbationMixin:
             raise ValueError(f"{name} moves the trainable parameters to w + δ for a step, and FSDP2 keeps them as "
                              "sharded DTensors that its forward unshards into other tensors. Use DeepSpeed ZeRO-3 "
                              "(accelerate_configs/deepspeed_zero3.yaml) or DDP.")
+        if name == "gradient_norm":
+            refuse_fp16_under_deepspeed(self, "Gradient-norm regularization's (1 − c)·g")
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 0:
             raise ValueError(f"{name} under DeepSpeed relies on the optimizer's own copy of the weights (ZeRO stages "
                              "1-3), which the move to w + δ leaves at w; ZeRO stage 0 steps the moved weights. Use "
@@ -257,7 +261,7 @@ class WeightPerturbationMixin:
             # After the backward: .grad is synchronized, and an inner penalty's gradient (the anchor's), which is not
             # to be scaled, is already in it. Sums commute.
             a, _, grads = combination
-            add_to_gradients(self._perturbed, grads, what, alpha=a)
+            add_to_gradients(self._perturbed, grads, what, alpha=a * loss_scale(self.accelerator))
         # Summed over the step's micro-batches and averaged over processes, as the Trainer makes the logged loss.
         self._perturbed_loss = self._perturbed_loss + perturbed_loss.detach().float()
         if last:

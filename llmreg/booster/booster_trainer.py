@@ -37,7 +37,9 @@ from llmreg.trainer_utils import (
     StepIndexedRows,
     check_dataset_columns,
     gradients_added_in_backward,
+    loss_scale,
     prepare_side_dataset,
+    refuse_fp16_under_deepspeed,
 )
 from llmreg.weight_perturbation import (
     autograd_gradients,
@@ -75,6 +77,8 @@ class BoosterTrainer(SFTTrainer):
                              "refusals), in one of SFT's formats.")
         check_dataset_columns(harmful_dataset, SFT_FORMATS, "Booster (harmful_dataset)")
         super().__init__(model, args=args, train_dataset=train_dataset, **kwargs)
+        if args.booster_lambda > 0:
+            refuse_fp16_under_deepspeed(self, "Booster's gradient")
         # h is the loss on the harmful answers alone, as f is on the refusals: the rows keep their loss mask.
         self._harmful_rows = prepare_side_dataset(self, harmful_dataset, "harmful")
         try:
@@ -208,7 +212,8 @@ class BoosterTrainer(SFTTrainer):
         # gradient hooks: it reaches .grad the way the loss's gradient does, whoever owns .grad (DDP, ZeRO-2/3).
         booster_gradient = contextlib.nullcontext()
         if self.args.booster_lambda > 0 and self.accelerator.sync_gradients:
-            booster_gradient = gradients_added_in_backward(*self._booster_gradient(model), "Booster's gradient")
+            booster_gradient = gradients_added_in_backward(*self._booster_gradient(model), "Booster's gradient",
+                                                           scale=loss_scale(self.accelerator))
         with booster_gradient, hidden_perturbation:
             return super().training_step(model, inputs, num_items_in_batch)
 
