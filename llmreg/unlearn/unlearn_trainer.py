@@ -40,6 +40,8 @@ from llmreg.trainer_utils import (
     SFT_FORMATS,
     PrefetchedStepMixin,
     StepIndexedRows,
+    adapter_layers,
+    adapters_disabled,
     check_dataset_columns,
     loss_token_mask,
     prepare_side_dataset,
@@ -151,6 +153,9 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
                              "(CLEAR trains a fresh LoRA, r=8, alpha=32, on all linear layers), or use ga, gd or idk.")
         if objective == "rmu":
             self._check_rmu_layers(unwrapped)
+        # The teacher is the model with the adapter disabled: its layers, found once (PeftModel.disable_adapter walks
+        # every module and checks every parameter on each call, milliseconds a step).
+        self._adapter_layers = adapter_layers(unwrapped) if isinstance(unwrapped, PeftModel) else []
         self._retain_rows = self._idk_rows = None
         if retain_dataset is not None:
             self._retain_rows = prepare_side_dataset(self, retain_dataset, "retain")
@@ -259,7 +264,7 @@ class UnlearnTrainer(PrefetchedStepMixin, L1PenaltyMixin, SFTTrainer):
         return logits, states
 
     def _teacher_forward(self, model, batches: list[dict], hidden: bool):
-        with self.accelerator.unwrap_model(model).disable_adapter(), torch.no_grad():
+        with adapters_disabled(self._adapter_layers), torch.no_grad():
             return self._forward(model, batches, hidden)
 
     def _objective(self, model, plan: dict) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
