@@ -366,7 +366,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--model", help="a model directory to benchmark instead of the lab model")
     parser.add_argument("--bf16", action="store_true", help="train both sides in bf16 (GPUs)")
+    parser.add_argument("--batch-scale", type=int, default=1,
+                        help="every per-device batch times this (8: about 1,900 tokens a step instead of 240)")
     args = parser.parse_args(argv)
+    if args.batch_scale < 1:
+        parser.error(f"--batch-scale must be >= 1, got {args.batch_scale}")
+    SCALE["batch"] = args.batch_scale
     if args.threads:
         torch.set_num_threads(args.threads)
     global MODEL_DIR
@@ -374,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     COMMON_ARGS["bf16"] = args.bf16
 
     print(f"device: {device_description()}, torch {torch.__version__}, model: {MODEL_DIR or 'the lab model'}"
-          f"{', bf16' if args.bf16 else ''}")
+          f"{', bf16' if args.bf16 else ''}{f', batches ×{args.batch_scale}' if args.batch_scale > 1 else ''}")
     rows = []
     for case in args.cases:
         make_candidate, make_baseline = CASES[case]()

@@ -112,6 +112,24 @@ def test_run_benchmarks_a_given_model_directory_and_counts_tokens(tmp_path, caps
     assert tokens_cand > 0 and tokens_base > 0
 
 
+def test_batch_scale_multiplies_every_batch(monkeypatch, lab_model_dir):
+    import run
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setitem(run.SCALE, "batch", 1)  # main() sets it; restored after the test
+    monkeypatch.setattr(run, "compare", stop)
+    with pytest.raises(Stop):  # stops before training: the configs are what this test reads
+        run.main(["--cases", "sft", "--batch-scale", "3"])
+    assert run.sft_config().per_device_train_batch_size == 24
+    with pytest.raises(SystemExit):
+        run.main(["--cases", "sft", "--batch-scale", "0"])
+
+
 @pytest.mark.slow
 def test_cost_growth_grows_the_work_along_each_dimension(tmp_path):
     # One case, one short round per point: the script's plumbing, and that each dimension grows what it says.
